@@ -1,0 +1,127 @@
+"""Overlap between tasks' core regions: Jaccard over the whole model, per layer, per module.
+
+All counts come from bit-packed masks (:mod:`cpift.masks`): an intersection is a word-wise AND
+and a popcount, per-tensor counts one cumulative sum, and per-layer counts a ``bincount`` over the
+tensors' group labels — no boolean tensors are materialised.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+
+from .errors import ParameterError
+from .masks import Layout, popcount, tensor_counts
+
+GROUP_BY = ("layer", "module", "tensor")
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+_SUFFIX = re.compile(r"\.(weight|bias)$")
+
+
+def layer_of(name: str) -> str:
+    """The transformer block index in a tensor name (``"12"``), else ``embed``, ``head`` or ``other``."""
+    match = _BLOCK.search(name)
+    if match:
+        return match.group(1)
+    if "embed_tokens" in name or ".wte." in name or ".wpe." in name or name.startswith(("wte.", "wpe.")):
+        return "embed"
+    if "lm_head" in name or "embed_out" in name:
+        return "head"
+    return "other"
+
+
+def module_of(name: str) -> str:
+    """The module type of a tensor name: ``self_attn.q_proj``, ``mlp.down_proj``, ``embed_tokens``, …"""
+    match = _BLOCK.search(name)
+    rest = name[match.end() :] if match else name.removeprefix("model.")
+    return _SUFFIX.sub("", rest)
+
+
+def group_labels(layout: Layout, by: str) -> list[str]:
+    """Each tensor's group under ``by`` ("layer", "module" or "tensor"), in layout order."""
+    if by == "layer":
+        return [layer_of(n) for n in layout.names]
+    if by == "module":
+        return [module_of(n) for n in layout.names]
+    if by == "tensor":
+        return list(layout.names)
+    raise ParameterError(f"by must be one of {', '.join(GROUP_BY)}; got {by!r}")
+
+
+def _grouping(layout: Layout, by: str) -> tuple[list[str], np.ndarray]:
+    """The groups in display order, and each tensor's group position.
+
+    Display order for layers: embeddings, blocks by number, head, the rest; otherwise first seen.
+    """
+    labels = group_labels(layout, by)
+    order = list(dict.fromkeys(labels))
+    if by == "layer":
+        rank = {"embed": -2, "head": 1 << 30, "other": (1 << 30) + 1}
+        order.sort(key=lambda g: rank.get(g, int(g) if g.isdigit() else -1))
+    position = {g: i for i, g in enumerate(order)}
+    return order, np.array([position[g] for g in labels], dtype=np.int64)
+
+
+def _per_group(values: np.ndarray, group_index: np.ndarray, n_groups: int) -> np.ndarray:
+    """Sum per-tensor integer counts into per-group counts."""
+    return np.bincount(group_index, weights=values, minlength=n_groups).astype(np.int64)
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard index |A ∩ B| / |A ∪ B| of two packed masks; 0.0 when both are empty."""
+    inter = popcount(a & b)
+    union = popcount(a) + popcount(b) - inter
+    return inter / union if union else 0.0
+
+
+def jaccard_matrix(masks: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """Task × task Jaccard of packed masks (diagonal 1), in the mapping's task order."""
+    tasks = list(masks)
+    matrix = np.eye(len(tasks))
+    for (i, a), (j, b) in combinations(enumerate(tasks), 2):
+        matrix[i, j] = matrix[j, i] = jaccard(masks[a], masks[b])
+    return pd.DataFrame(matrix, index=pd.Index(tasks, name="task"), columns=pd.Index(tasks, name="task"))
+
+
+def group_jaccard(masks: Mapping[str, np.ndarray], layout: Layout, by: str = "layer") -> pd.DataFrame:
+    """Jaccard of every task pair within each group of tensors.
+
+    Returns a long table with columns ``group, task_a, task_b, jaccard, intersection, union``:
+    one row per group and pair (``task_a`` before ``task_b`` in task order), groups in display
+    order. A group where neither task has core elements has Jaccard 0.
+    """
+    tasks = list(masks)
+    if len(tasks) < 2:
+        raise ParameterError(f"overlap needs at least two tasks, got {len(tasks)}")
+    order, group_index = _grouping(layout, by)
+    sizes = {t: _per_group(tensor_counts(masks[t], layout), group_index, len(order)) for t in tasks}
+    frames = []
+    for a, b in combinations(tasks, 2):
+        inter = _per_group(tensor_counts(masks[a] & masks[b], layout), group_index, len(order))
+        union = sizes[a] + sizes[b] - inter
+        score = np.divide(inter, union, out=np.zeros(len(order)), where=union > 0)
+        frames.append(
+            pd.DataFrame(
+                {"group": order, "task_a": a, "task_b": b, "jaccard": score, "intersection": inter, "union": union}
+            )
+        )
+    table = pd.concat(frames, ignore_index=True)
+    # Group-major order (a stable sort keeps pairs in task order inside each group).
+    rank = table["group"].map({g: i for i, g in enumerate(order)})
+    return table.iloc[np.argsort(rank.to_numpy(), kind="stable")].reset_index(drop=True)
+
+
+def group_sizes(masks: Mapping[str, np.ndarray], layout: Layout, by: str = "layer") -> pd.DataFrame:
+    """Core elements per group and task: columns ``group, task, size, numel, share``."""
+    order, group_index = _grouping(layout, by)
+    numel = _per_group(layout.numels, group_index, len(order))
+    frames = []
+    for task, words in masks.items():
+        size = _per_group(tensor_counts(words, layout), group_index, len(order))
+        share = np.divide(size, numel, out=np.zeros(len(order)), where=numel > 0)
+        frames.append(pd.DataFrame({"group": order, "task": task, "size": size, "numel": numel, "share": share}))
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny random Llama and task models made from it by sparse, seeded edits."""
+
+from __future__ import annotations
+
+import os
+
+# Tests never reach for a model hub: set before huggingface_hub is first imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from cpift.models import tiny_llama  # noqa: E402
+
+
+def perturbed(base: torch.nn.Module, seed: int, density: float = 0.05, scale: float = 0.1) -> dict[str, torch.Tensor]:
+    """A 'fine-tuned' state dict: the base's parameters with a seeded random subset moved."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, param in base.named_parameters():
+        noise = torch.randn(param.shape, generator=generator) * scale
+        keep = torch.rand(param.shape, generator=generator) < density
+        out[name] = param.detach() + noise * keep
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base() -> torch.nn.Module:
+    return tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks(tiny_base: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    return {task: perturbed(tiny_base, seed) for seed, task in enumerate(("math", "code", "logic"), start=1)}
