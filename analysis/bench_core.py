@@ -26,6 +26,13 @@ Peak extra memory = VmHWM - VmRSS before the run; the table shows the largest ov
 MB (10^6 bytes). The result of the operation counts (e.g. the |Δ| vector that ``CoreRegions``
 keeps for ``with_p``); memory held before the run (models, masks prepared for the naive way)
 does not.
+
+The step row runs one warm-up step (AdamW creates its state), then bare and masked steps
+interleaved, ``2`` of each. Forward and backward are the same code in both and vary by several %
+from run to run on a shared machine, so the overhead judged against the target is the difference
+of the ``optimizer.step()`` times (best of each) over a whole bare step; the ratio of the whole
+steps is printed beside it. Timings are only as good as the machine is quiet: the load average
+at the start and the end is printed.
 """
 
 from __future__ import annotations
@@ -35,9 +42,11 @@ import ctypes
 import gc
 import os
 import platform
+import resource
 import sys
 import time
 from collections import defaultdict
+from functools import partial
 from itertools import combinations
 
 import numpy as np
@@ -208,7 +217,7 @@ def main() -> None:
     if args.tasks < 2:
         parser.error("--tasks must be at least 2")
     check_high_water_reset()
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
 
     log(f"building the {args.model} model and {args.tasks} task models …")
     model = build_model(args.model)
@@ -220,13 +229,14 @@ def main() -> None:
     # 1. Core regions of one task.
     log("1. core regions of one task …")
     one = {names[0]: tasks[names[0]]}
-    t_lib, m_lib, regions1 = measure(lambda: cpift.core_regions(base, one, p=args.p, progress=False), args.repeat)
-    t_naive, m_naive, (naive_masks, naive_thr) = measure(lambda: naive_regions(base, tasks[names[0]], args.p),
+    t_lib, m_lib, regions1 = measure(partial(cpift.core_regions, base, one, p=args.p, progress=False), args.repeat)
+    t_naive, m_naive, (naive_masks, naive_thr) = measure(partial(naive_regions, base, tasks[names[0]], args.p),
                                                          args.repeat)
-    lib_counts = regions1.tensor_sizes(names[0]).to_numpy()
-    naive_counts = np.array([int(naive_masks[n].sum()) for n in regions1.layout.names])
-    checks.append(f"regions: threshold cpift {regions1.threshold(names[0]):.6g} vs topk {naive_thr:.6g}; "
-                  f"per-tensor core sizes equal: {np.array_equal(lib_counts, naive_counts)}")
+    threshold = regions1.threshold(names[0])
+    differ = sum(int((regions1.tensor_mask(names[0], n) ^ naive_masks[n]).sum()) for n in regions1.layout.names)
+    ties = int(np.count_nonzero(regions1.magnitudes(names[0]) == threshold))
+    checks.append(f"regions: threshold cpift {threshold:.6g}, torch.topk {naive_thr:.6g}; the cores differ in "
+                  f"{differ} elements, {ties} elements tie at the threshold (torch.topk breaks ties its own way)")
     del regions1, naive_masks
     met = t_lib <= 1.5 and m_lib <= FP32_COPY_MB
     rows.append([f"core regions, 1 task, p={args.p:g}", t_lib, m_lib, "torch.cat |Δ| + torch.topk + bool masks",
@@ -235,8 +245,8 @@ def main() -> None:
     # 2. with_p on all tasks (the app's p slider).
     log(f"2. with_p(0.5) on {len(names)} tasks …")
     regions = cpift.core_regions(base, tasks, p=args.p, progress=False)
-    t_lib, m_lib, moved = measure(lambda: regions.with_p(0.5), args.repeat)
-    t_naive, m_naive, again = measure(lambda: cpift.core_regions(base, tasks, p=0.5, progress=False), args.repeat)
+    t_lib, m_lib, moved = measure(partial(regions.with_p, 0.5), args.repeat)
+    t_naive, m_naive, again = measure(partial(cpift.core_regions, base, tasks, p=0.5, progress=False), args.repeat)
     same = all(np.array_equal(moved.packed(t), again.packed(t)) for t in names)
     checks.append(f"with_p(0.5) masks equal to core_regions(p=0.5): {same}")
     del moved, again
@@ -246,8 +256,8 @@ def main() -> None:
     # 3. All-pairs per-layer Jaccard.
     log(f"3. per-layer Jaccard, {len(names)} tasks …")
     bool_masks = {t: regions.mask(t) for t in names}  # the naive way's input, prepared untimed
-    t_lib, m_lib, table = measure(lambda: regions.layer_jaccard("layer"), args.repeat)
-    t_naive, m_naive, naive_table = measure(lambda: naive_layer_jaccard(bool_masks), args.repeat)
+    t_lib, m_lib, table = measure(partial(regions.layer_jaccard, "layer"), args.repeat)
+    t_naive, m_naive, naive_table = measure(partial(naive_layer_jaccard, bool_masks), args.repeat)
     worst = max(abs(r.jaccard - naive_table[(r.task_a, r.task_b)][r.group]) for r in table.itertuples())
     checks.append(f"layer Jaccard: {len(table)} rows, largest difference to the naive way {worst:.2g}")
     rows.append([f"layer_jaccard('layer'), {len(names)} tasks ({len(names) * (len(names) - 1) // 2} pairs)",
@@ -259,11 +269,12 @@ def main() -> None:
     a, b = names[:2]
     pair = {a: tasks[a], b: tasks[b]}
     regions2 = cpift.core_regions(base, pair, p=args.p, progress=False)
-    t_lib, m_lib, fused = measure(lambda: cpift.fuse(base, pair, regions2, omega=0.5, progress=False), args.repeat)
+    t_lib, m_lib, fused = measure(partial(cpift.fuse, base, pair, regions2, omega=0.5, progress=False), args.repeat)
     t_naive, m_naive, naive_fused = measure(
-        lambda: naive_fuse(base, tasks[a], tasks[b], bool_masks[a], bool_masks[b]), args.repeat)
+        partial(naive_fuse, base, tasks[a], tasks[b], bool_masks[a], bool_masks[b]), args.repeat)
     diff = max(float((fused[n] - naive_fused[n]).abs().max()) for n in base)
-    checks.append(f"fusion: largest |cpift − naive| {diff:.2g} (slerp falls back to lerp: tensors nearly colinear)")
+    checks.append(f"fusion: largest |cpift − naive| {diff:.2g} (0 where slerp falls back to lerp, i.e. where "
+                  "base and task tensors are nearly colinear)")
     del fused, naive_fused, regions2, pair
     rows.append(["fuse, 2 tasks, ω=0.5 (slerp + transplant)", t_lib, m_lib,
                  "per-tensor lerp + torch.where transplant (bool masks held)", t_naive, m_naive, "—", None])
@@ -282,31 +293,39 @@ def main() -> None:
     ids = torch.randint(49152, (STEP_BATCH, STEP_TOKENS), generator=torch.Generator().manual_seed(0))
 
     def step(opt):
-        def run():
+        def run():  # the whole step; returns the time of opt.step() alone
             opt.zero_grad(set_to_none=True)
             model(input_ids=ids, labels=ids).loss.backward()
+            t0 = time.perf_counter()
             opt.step()
+            return time.perf_counter() - t0
         return run
 
     step(inner)()  # warm-up: creates AdamW's state, so that both variants measure steady steps
     step_repeat = 2
-    t_bare, m_bare, t_masked, m_masked = float("inf"), 0.0, float("inf"), 0.0
+    best = {"bare": [float("inf"), 0.0, float("inf")], "masked": [float("inf"), 0.0, float("inf")]}
     for _ in range(step_repeat):  # interleaved, so that a busy machine slows both alike
-        t, m, _ = measure(step(inner), 1)
-        t_bare, m_bare = min(t_bare, t), max(m_bare, m)
-        t, m, _ = measure(step(masked), 1)
-        t_masked, m_masked = min(t_masked, t), max(m_masked, m)
-    overhead = t_masked / t_bare - 1
-    checks.append(f"MaskedOptimizer: {masked.frozen_count:,} frozen ({share:.2%}); "
-                  f"construction (set_frozen) {t_set_frozen:.3f} s; step overhead {overhead:+.1%}")
-    rows.append([f"AdamW step, batch {STEP_BATCH}×{STEP_TOKENS} (fwd+bwd+step), MaskedOptimizer {share:.0%} "
-                 f"frozen vs bare (best of {step_repeat}; overhead {overhead:+.1%})",
-                 t_masked, m_masked, "bare AdamW step", t_bare, m_bare, "overhead ≤ 5%", overhead <= 0.05,
-                 f"{overhead:+.1%} time"])
+        for variant, opt in (("bare", inner), ("masked", masked)):
+            t, m, t_opt = measure(step(opt), 1)
+            old = best[variant]
+            best[variant] = [min(old[0], t), max(old[1], m), min(old[2], t_opt)]
+    (t_bare, m_bare, opt_bare), (t_masked, m_masked, opt_masked) = best["bare"], best["masked"]
+    # The forward and backward passes are the same code in both variants and their run-to-run noise
+    # (several % on a shared machine) dwarfs the wrapper's cost, so the overhead that is judged is
+    # the difference of the optimizer.step() times, relative to a whole bare step.
+    overhead = (opt_masked - opt_bare) / t_bare
+    ratio = t_masked / t_bare - 1
+    checks.append(f"MaskedOptimizer: {masked.frozen_count:,} frozen ({share:.2%}); construction (set_frozen) "
+                  f"{t_set_frozen:.3f} s; optimizer.step() alone: bare {opt_bare:.3f} s, masked {opt_masked:.3f} s; "
+                  f"overhead = their difference / whole bare step = {overhead:+.1%} "
+                  f"(ratio of the whole steps, noise included: {ratio:+.1%})")
+    label = f"AdamW step, batch {STEP_BATCH}×{STEP_TOKENS}, through MaskedOptimizer, {share:.0%} frozen"
+    rows.append([label, t_masked, m_masked, "bare AdamW step (fwd+bwd+step)", t_bare, m_bare,
+                 "overhead ≤ 5%", overhead <= 0.05, f"overhead {overhead:+.1%} (whole steps {ratio:+.1%})"])
 
     # Report.
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads), "
-          f"load average {os.getloadavg()[0]:.2f}; python {platform.python_version()}, "
+          f"load average {load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at end; python {platform.python_version()}, "
           f"torch {torch.__version__}, numpy {np.__version__}, cpift {cpift.__version__}")
     print(f"model: {args.model}, {N_PARAMS:,} parameters (one fp32 copy = {FP32_COPY_MB:.0f} MB); "
           f"{len(names)} tasks; p = {args.p:g}; best of {args.repeat} (step row: {step_repeat})")
@@ -322,7 +341,8 @@ def main() -> None:
     print("peak MB = extra resident memory during the operation (VmHWM − VmRSS before; see docstring).")
     for line in checks:
         print(f"- {line}")
-    print(f"total run time {time.perf_counter() - started:.0f} s")
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    print(f"total run time {time.perf_counter() - started:.0f} s; process peak RSS {peak_rss_gb:.1f} GB")
 
 
 if __name__ == "__main__":

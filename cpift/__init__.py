@@ -25,7 +25,7 @@ _EXPORTS = {
     "overlap": ("jaccard_matrix", "group_jaccard", "layer_of", "module_of"),
     "grouping": ("Grouping", "STAGE_ORDERS", "dendrogram_data", "group_tasks", "groupings_by_tau",
                  "linkage_matrix", "similarity_graph", "stage_order"),
-    "fusion": ("fuse", "fusion_report", "slerp"),
+    "fusion": ("FusedState", "fuse", "slerp"),
     "freezing": ("MaskedOptimizer",),
     "selection": ("top_k",),
     "models": ("EMBEDDED_MODEL", "load_model", "save_model", "tiny_llama"),

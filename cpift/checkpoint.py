@@ -17,12 +17,13 @@ can run arbitrary code when loaded; they are refused unless the caller opts in w
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
 import urllib.parse
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -62,10 +63,14 @@ class Checkpoint(ABC):
     """
 
     label: str
+    _names: dict[str, None]  # insertion-ordered, and a set for `in`
 
-    @abstractmethod
+    def _set_names(self, names: Iterable[str]) -> None:
+        self._names = dict.fromkeys(names)
+
     def names(self) -> list[str]:
         """Names of the distinct tensors, in storage order."""
+        return list(self._names)
 
     @abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:
@@ -81,36 +86,26 @@ class Checkpoint(ABC):
 
     def get(self, name: str) -> torch.Tensor:
         """Read tensor ``name`` as a CPU tensor in its stored dtype."""
-        if name not in self._name_set:
+        if name not in self:
             raise MismatchError(f"{self.label}: no tensor named {name!r}")
         return self._read(name)
 
     def numel(self, name: str) -> int:
         """Number of elements of tensor ``name``."""
-        n = 1
-        for d in self.shape(name):
-            n *= d
-        return n
+        return math.prod(self.shape(name))
 
     def floating_names(self) -> list[str]:
         """Names of the floating-point tensors (the ones cpift analyses), in storage order."""
         return [n for n in self.names() if self.dtype(n).is_floating_point]
 
-    @property
-    def _name_set(self) -> set[str]:
-        cached = self.__dict__.get("_names_cache")
-        if cached is None:
-            cached = self.__dict__["_names_cache"] = set(self.names())
-        return cached
-
     def __contains__(self, name: object) -> bool:
-        return name in self._name_set
+        return name in self._names
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self.names())
+        return len(self._names)
 
     def close(self) -> None:
         """Release open file handles (reading again reopens them)."""
@@ -135,14 +130,12 @@ class TensorDictCheckpoint(Checkpoint):
                 continue
             seen.add(key)
             self._tensors[name] = tensor.detach()
+        self._set_names(self._tensors)
 
     @classmethod
     def from_module(cls, module: torch.nn.Module, label: str) -> TensorDictCheckpoint:
         """The module's parameters (tied parameters once); buffers are not model weights here."""
         return cls(dict(module.named_parameters()), label)
-
-    def names(self) -> list[str]:
-        return list(self._tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].shape)
@@ -168,7 +161,7 @@ class ShardedCheckpoint(Checkpoint):
         if tied:
             for name in _TIED_OUTPUT_NAMES:
                 self._meta.pop(name, None)
-        self._names = list(self._meta)
+        self._set_names(self._meta)
         self._open_path: Path | None = None
         self._open_handle: Any = None
 
@@ -183,9 +176,6 @@ class ShardedCheckpoint(Checkpoint):
     @abstractmethod
     def _read_from(self, handle: Any, name: str) -> torch.Tensor:
         """Read ``name`` from an open shard."""
-
-    def names(self) -> list[str]:
-        return self._names
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._meta[name][0]
@@ -432,6 +422,15 @@ def open_checkpoint(model: ModelLike, *, allow_pickle: bool = False, label: str 
     if not len(checkpoint):
         raise CheckpointError(f"{checkpoint.label}: the checkpoint holds no tensors")
     return checkpoint
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element of a floating-point tensor is finite.
+
+    A plain sum is finite when every element is and allocates nothing; only when it is not (a NaN,
+    an Inf, or an overflow of huge values) is the exact element-wise check run.
+    """
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def aligned_names(

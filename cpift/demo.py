@@ -15,7 +15,7 @@ from typing import TypeVar
 import torch
 
 from .freezing import MaskedOptimizer
-from .fusion import fuse, fusion_report
+from .fusion import fuse
 from .grouping import group_tasks, groupings_by_tau, stage_order
 from .models import EMBEDDED_MODEL, load_model
 from .regions import core_regions
@@ -76,8 +76,8 @@ def run_demo(p: float = 1.0, tau: float = 0.1, steps: int = 3) -> None:
         print(f"  τ in ({g.tau_min:.3f}, {g.tau_max:.3f}]: {[list(x) for x in g.groups]}")
 
     print("\n4. Fusion (core transplant + SLERP, ω = 0.5)")
-    report = _timed("fusion report", lambda: fusion_report(model, probes, regions))
     fused = _timed("fuse", lambda: fuse(model, probes, regions))
+    report = fused.report
     print(f"  contested elements: {int(report['contested'].sum()):,}; taken from each core: "
           + ", ".join(f"{t} {int(report[f'from:{t}'].sum()):,}" for t in regions.tasks))
     fused_model = copy.deepcopy(model)

@@ -13,8 +13,8 @@ For every tensor of the base model:
    transplant order), or ``"mean"`` (the mean of the contending tasks' values).
 
 Tensors outside the regions' layout (excluded by patterns) get step 1 only; non-floating tensors
-are copied from the base. Tensors are processed one at a time, so :func:`fusion_report` needs
-memory for one tensor per task only.
+are copied from the base. Tensors are processed one at a time, so the report alone
+(``fuse(..., keep_tensors=False).report``) needs memory for one tensor per model only.
 """
 
 from __future__ import annotations
@@ -151,34 +151,44 @@ def _transplant(
 ) -> tuple[torch.Tensor, list[int], int]:
     """Write each task's core values into ``fused`` (flat float32), resolving contested elements.
 
-    Tasks are visited in order with one running result, so memory stays at a few copies of one
-    tensor whatever the number of tasks. Returns the result, how many values each task supplied
-    (for ``mean``: the elements it alone owns), and the number of contested elements.
+    Only the positions inside some core (about p% × tasks of the tensor) are gathered and resolved,
+    so the cost beyond finding them is proportional to the cores, not to the tensor. Returns the
+    result, how many values each task supplied (for ``mean``: the elements it alone owns), and the
+    number of contested elements.
     """
-    count = torch.zeros(base.shape, dtype=torch.int32)
-    for mask in masks:
-        count += mask
+    in_any = masks[0].clone()
+    for mask in masks[1:]:
+        in_any |= mask
+    where = torch.nonzero(in_any).squeeze(1)
+    owns = torch.stack([mask[where] for mask in masks])  # task × position
+    vals = torch.stack([value[where] for value in values])
+    count = owns.sum(0)
     contested = int((count > 1).sum())
     if overlap == "mean":
-        total = torch.zeros_like(base)
-        for mask, value in zip(masks, values):
-            total += torch.where(mask, value, 0.0)
-        result = torch.where(count > 0, total / count.clamp(min=1), fused)
-        return result, [int((mask & (count == 1)).sum()) for mask in masks], contested
+        chosen = torch.where(owns, vals, 0.0).sum(0) / count
+        owned = (owns & (count == 1)).sum(1)
+    else:
+        if overlap == "last":  # the last owner wins
+            score = torch.arange(len(values), dtype=torch.float32).unsqueeze(1).expand_as(vals)
+        else:  # max_delta: argmax takes the first maximum, so ties stay with the earlier task
+            score = (vals - base[where]).abs()
+        winner = torch.where(owns, score, -1.0).argmax(0)
+        chosen = vals.gather(0, winner.unsqueeze(0)).squeeze(0)
+        owned = torch.bincount(winner, minlength=len(values))
     result = fused.clone()
-    best = torch.full(base.shape, -1.0)
-    winner = torch.full(base.shape, -1, dtype=torch.int64)
-    for i, (mask, value) in enumerate(zip(masks, values)):
-        if overlap == "last":  # every later owner overrides
-            take = mask
-        else:  # max_delta: strictly larger |Δ| overrides, so ties stay with the earlier task
-            score = torch.where(mask, (value - base).abs(), -1.0)
-            take = score > best
-            best = torch.where(take, score, best)
-        result = torch.where(take, value, result)
-        winner[take] = i
-    owned = torch.bincount(winner + 1, minlength=len(values) + 1)[1:]
+    result[where] = chosen
     return result, owned.tolist(), contested
+
+
+class FusedState(dict):
+    """The fused model's tensors by name (a plain ``dict[str, Tensor]``), plus the fusion report.
+
+    ``report`` has one row per tensor: elements taken from each task's core (``from:TASK``),
+    contested elements (``contested``), and the angle in degrees between the base and each task
+    tensor (``angle:TASK``).
+    """
+
+    report: pd.DataFrame
 
 
 def fuse(
@@ -189,9 +199,10 @@ def fuse(
     overlap: str = "max_delta",
     *,
     fold: str = "mean",
+    keep_tensors: bool = True,
     allow_pickle: bool = False,
     progress: bool | None = None,
-) -> dict[str, torch.Tensor]:
+) -> FusedState:
     """Fuse the task models into one state dict: core transplant plus SLERP (see module docs).
 
     Args:
@@ -201,27 +212,16 @@ def fuse(
         omega: SLERP factor ω in [0, 1] for non-core elements (0 keeps the base).
         overlap: rule for elements in several cores: ``max_delta``, ``last`` or ``mean``.
         fold: how several tasks' SLERPs combine: ``mean`` or ``sequential``.
+        keep_tensors: False computes only the report, holding one tensor per model at a time
+            (a preview of a large fusion).
 
-    Returns every tensor of the base (tied weights once), in the base's dtypes.
+    Returns every tensor of the base (tied weights once) in the base's dtypes, with ``.report``.
     """
-    return {f.name: f.tensor for f in _fuse_tensors(base, tuned, regions, omega, overlap, fold, allow_pickle, progress)}
-
-
-def fusion_report(
-    base: ModelLike,
-    tuned: Mapping[str, ModelLike],
-    regions: CoreRegions,
-    omega: float = 0.5,
-    overlap: str = "max_delta",
-    *,
-    fold: str = "mean",
-    allow_pickle: bool = False,
-    progress: bool | None = None,
-) -> pd.DataFrame:
-    """Per tensor: elements taken from each task's core (``from:TASK``), contested elements, and
-    the angle in degrees between the base and each task tensor (``angle:TASK``).
-
-    Same arguments as :func:`fuse`; holds one tensor per model at a time.
-    """
-    rows = [f.row for f in _fuse_tensors(base, tuned, regions, omega, overlap, fold, allow_pickle, progress)]
-    return pd.DataFrame(rows).fillna(0)
+    state = FusedState()
+    rows = []
+    for fused in _fuse_tensors(base, tuned, regions, omega, overlap, fold, allow_pickle, progress):
+        if keep_tensors:
+            state[fused.name] = fused.tensor
+        rows.append(fused.row)
+    state.report = pd.DataFrame(rows).fillna(0)
+    return state

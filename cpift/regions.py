@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ._version import __version__
 from .atomic import atomic_dir
-from .checkpoint import Checkpoint, ModelLike, aligned_names, open_checkpoint
+from .checkpoint import Checkpoint, ModelLike, aligned_names, all_finite, open_checkpoint
 from .errors import CheckpointError, FormatError, ParameterError
 from .masks import Layout, popcount, tensor_counts, unpack, unpack_all
 from .overlap import group_jaccard, group_sizes, jaccard_matrix
@@ -327,8 +327,8 @@ def update_magnitudes(
         for task, ckpt in task_ckpts.items():
             out = torch.from_numpy(magnitudes[task][layout.span(name)]).view(base_tensor.shape)
             torch.sub(ckpt.get(name).float(), base_tensor, out=out).abs_()
-            if not torch.isfinite(out).all():
-                culprit = "base" if not torch.isfinite(base_tensor).all() else f"task {task!r}"
+            if not all_finite(out):
+                culprit = "base" if not all_finite(base_tensor) else f"task {task!r}"
                 raise CheckpointError(f"{culprit}: tensor {name!r} holds NaN or Inf")
     for ckpt in (base_ckpt, *task_ckpts.values()):
         ckpt.close()

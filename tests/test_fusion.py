@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from cpift.checkpoint import open_checkpoint
 from cpift.errors import MismatchError, ParameterError
-from cpift.fusion import fuse, fusion_report, slerp
+from cpift.fusion import fuse, slerp
 from cpift.regions import core_regions
 
 HYPOTHESIS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
@@ -314,7 +314,7 @@ def test_bad_parameters(tiny_base, tiny_tasks, regions3, kwargs, match):
     with pytest.raises(ParameterError, match=match):
         fuse(tiny_base, tiny_tasks, regions3, **kwargs)
     with pytest.raises(ParameterError, match=match):
-        fusion_report(tiny_base, tiny_tasks, regions3, **kwargs)
+        fuse(tiny_base, tiny_tasks, regions3, **kwargs, keep_tensors=False).report
 
 
 def test_regions_of_another_model_shape():
@@ -382,7 +382,7 @@ def test_hand_made_overlap_rules(hand_case, overlap, fold):
 @pytest.mark.parametrize("overlap", ["max_delta", "last", "mean"])
 def test_hand_made_report(hand_case, overlap):
     base, tasks, regions, _ = hand_case
-    report = fusion_report(base, tasks, regions, omega=0.3, overlap=overlap)
+    report = fuse(base, tasks, regions, omega=0.3, overlap=overlap, keep_tensors=False).report
     assert report["tensor"].tolist() == ["w", "steps"]
     w = report.set_index("tensor").loc["w"]
     assert (w["from:a"], w["from:b"]) == EXPECTED_FROM[overlap]
@@ -403,13 +403,13 @@ def test_hand_made_task_order_decides_last(hand_case):
 
 
 # ---------------------------------------------------------------------------------------------
-# fusion_report on the tiny model
+# the fusion report on the tiny model
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("overlap", ["max_delta", "last", "mean"])
 def test_report_counts_match_masks(tiny_base, tiny_tasks, regions3, overlap):
-    report = fusion_report(tiny_base, tiny_tasks, regions3, omega=0.5, overlap=overlap)
+    report = fuse(tiny_base, tiny_tasks, regions3, omega=0.5, overlap=overlap, keep_tensors=False).report
     names = open_checkpoint(tiny_base).names()
     assert report["tensor"].tolist() == names  # one row per tensor
     masks = _masks(regions3)
@@ -441,7 +441,7 @@ def test_report_angles(tiny_base, tiny_tasks, base_state):
         "neg": {n: -t for n, t in base_state.items()},
     }
     regions = core_regions(tiny_base, tasks, p=5)
-    report = fusion_report(tiny_base, tasks, regions)
+    report = fuse(tiny_base, tasks, regions, keep_tensors=False).report
     for task in tasks:
         assert report[f"angle:{task}"].between(0, 180).all()
     assert np.allclose(report["angle:same"], 0, atol=0.05)
@@ -456,5 +456,12 @@ def test_report_angles(tiny_base, tiny_tasks, base_state):
 def test_report_angle_exactly_zero_for_identical_task(tiny_base, base_state):
     tasks = {"same": {n: t.clone() for n, t in base_state.items()}}
     regions = core_regions(tiny_base, tasks, p=5)
-    report = fusion_report(tiny_base, tasks, regions)
+    report = fuse(tiny_base, tasks, regions, keep_tensors=False).report
     assert (report["angle:same"] == 0).all(), report.loc[report["angle:same"] != 0, ["tensor", "angle:same"]]
+
+
+def test_report_is_the_same_with_and_without_tensors(tiny_base, tiny_tasks, regions3):
+    full = fuse(tiny_base, tiny_tasks, regions3)
+    light = fuse(tiny_base, tiny_tasks, regions3, keep_tensors=False)
+    assert len(light) == 0 and len(full) == len(full.report)
+    assert full.report.equals(light.report)
