@@ -1,23 +1,216 @@
-"""The ``cpift`` command line."""
+"""The ``cpift`` command line: a whole config (``run``), single steps, and comparisons.
+
+Every subcommand has ``--help``. Errors a user can cause (a bad config key, a missing file, an
+out-of-range p or τ, a locked run directory) print one line ``cpift: error: …`` and exit with 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from ._version import __version__
-from .errors import CpiftError
+from .errors import CpiftError, ParameterError
+
+
+def _task_models(pairs: list[str]) -> dict[str, str]:
+    """``NAME=PATH`` arguments as a task → model mapping, in order."""
+    models = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise ParameterError(f"--task expects NAME=PATH, got {pair!r}")
+        models[name] = path
+    if not models:
+        raise ParameterError("give at least one --task NAME=PATH")
+    return models
+
+
+def _print_table(frame) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.3f}".format):
+        print(frame.to_string())
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .pipeline import compare, run_config
+
+    from .config import load_config
+
+    run = run_config(load_config(args.config, args.set), args.out, resume=args.resume)
+    print(f"run finished: {run.path}")
+    _print_table(compare([run.path]))
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .config import load_config
+    from .models import save_weights
+    from .pipeline import build_tasks, load_base, train_config
+    from .train import train
+
+    config = load_config(args.config, args.set)
+    tasks = build_tasks(config)
+    if args.task not in tasks:
+        raise ParameterError(f"--task {args.task!r} is not among the config's tasks: {', '.join(tasks)}")
+    model, tokenizer = load_base(config)
+    settings = dataclasses.replace(train_config(config), steps=config.probe.steps, lr=config.probe.lr)
+    train(model, tokenizer, list(tasks[args.task].train), settings, stage=f"probe/{args.task}")
+    save_weights(model, args.out)
+    print(f"probe of {args.task!r} saved to {args.out}")
+
+
+def cmd_regions(args: argparse.Namespace) -> None:
+    from .regions import core_regions
+
+    regions = core_regions(args.base, _task_models(args.task), p=args.p, scope=args.scope,
+                           include=args.include or None, exclude=args.exclude or None)
+    regions.save(args.out, magnitudes=args.magnitudes)
+    print(f"core regions at p = {args.p}% saved to {args.out}")
+    _print_table(regions.jaccard())
+
+
+def cmd_group(args: argparse.Namespace) -> None:
+    from .grouping import group_tasks, groupings_by_tau, stage_order
+    from .regions import CoreRegions
+
+    similarity = CoreRegions.load(args.regions).jaccard()
+    groups = group_tasks(similarity, args.tau)
+    stages = stage_order(groups, args.order, similarity, seed=args.seed)
+    result = {"tau": args.tau, "groups": groups, "stages": stages,
+              "groupings_by_tau": [{"tau_min": g.tau_min, "tau_max": g.tau_max, "groups": [list(x) for x in g.groups]}
+                                   for g in groupings_by_tau(similarity)]}
+    print(json.dumps(result, indent=1))
+
+
+def cmd_fuse(args: argparse.Namespace) -> None:
+    from .fusion import fuse
+    from .models import save_weights
+    from .regions import CoreRegions
+
+    state = fuse(args.base, _task_models(args.task), CoreRegions.load(args.regions), args.omega, args.overlap,
+                 fold=args.fold)
+    save_weights(state, args.out)
+    state.report.to_csv(Path(args.out) / "report.csv", index=False)
+    print(f"fused model saved to {args.out}; contested elements: {int(state.report['contested'].sum()):,}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .pipeline import compare, run_config
+
+    config = load_config(args.config, [*args.set, f'run.methods=["{args.method}"]'])
+    run = run_config(config, args.out, resume=args.resume)
+    _print_table(compare([run.path]))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .data import retention_text
+    from .evaluate import evaluate_model
+    from .models import load_weights
+    from .pipeline import build_tasks, load_base
+
+    config = load_config(args.config, args.set)
+    tasks = build_tasks(config)
+    model, tokenizer = load_base(config)
+    label = "base"
+    if args.model:
+        load_weights(model, args.model)
+        label = Path(args.model).name
+    texts = retention_text(n_chunks=config.eval.n_retention_chunks, seed=config.data.seed) if config.eval.retention else []
+    scores = evaluate_model(model, tokenizer, label, list(tasks.values()), retention_texts=texts,
+                            max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
+    _print_table(scores)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .pipeline import compare
+
+    _print_table(compare(args.runs))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(p=args.p, tau=args.tau, steps=args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``cpift`` command."""
     parser = argparse.ArgumentParser(prog="cpift", description="Parameter-isolation fine-tuning for LLMs.")
     parser.add_argument("--version", action="version", version=f"cpift {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="tour the core library on the embedded SmolLM2-135M model")
-    demo.add_argument("--p", type=float, default=1.0, help="core-region size in percent (default 1)")
-    demo.add_argument("--tau", type=float, default=0.1, help="Jaccard threshold for grouping (default 0.1)")
-    demo.add_argument("--steps", type=int, default=3, help="AdamW steps per probe fine-tune (default 3)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def config_args(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("config", help="TOML config (see configs/)")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config value, e.g. --set cpift.tau=0.2 (repeatable)")
+
+    def model_args(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--base", required=True, help="base model: the embedded 'smollm2-135m', a directory or hub id")
+        sub.add_argument("--task", action="append", default=[], metavar="NAME=PATH",
+                         help="a task's fine-tuned model (repeat for each task)")
+
+    sub = command("run", cmd_run, "run every method of a config into a run directory")
+    config_args(sub)
+    sub.add_argument("--out", required=True, help="run directory")
+    sub.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
+
+    sub = command("probe", cmd_probe, "probe fine-tune the config's base on one task")
+    config_args(sub)
+    sub.add_argument("--task", required=True)
+    sub.add_argument("--out", required=True, help="directory for the probe's weights")
+
+    sub = command("regions", cmd_regions, "core regions of task models against a base")
+    model_args(sub)
+    sub.add_argument("--p", type=float, default=1.0, help="core size in percent of the parameters (default 1)")
+    sub.add_argument("--scope", choices=("global", "tensor"), default="global")
+    sub.add_argument("--include", action="append", default=[], metavar="PATTERN")
+    sub.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
+    sub.add_argument("--magnitudes", action="store_true", help="also save |Δ| so a loaded copy can change p")
+    sub.add_argument("--out", required=True)
+
+    sub = command("group", cmd_group, "group the tasks of saved core regions at τ")
+    sub.add_argument("regions", help="a directory written by `cpift regions`")
+    sub.add_argument("--tau", type=float, default=0.1)
+    sub.add_argument("--order", default="random", help="stage order: given, random, least_overlap_first")
+    sub.add_argument("--seed", type=int, default=0)
+
+    sub = command("fuse", cmd_fuse, "fuse task models: core transplant + SLERP")
+    model_args(sub)
+    sub.add_argument("--regions", required=True)
+    sub.add_argument("--omega", type=float, default=0.5)
+    sub.add_argument("--overlap", default="max_delta", help="max_delta, last or mean")
+    sub.add_argument("--fold", default="mean", help="mean or sequential")
+    sub.add_argument("--out", required=True)
+
+    sub = command("train", cmd_train, "run one method of a config")
+    config_args(sub)
+    sub.add_argument("--method", required=True, help="cpift, multitask, multistage or sequential")
+    sub.add_argument("--out", required=True)
+    sub.add_argument("--resume", action="store_true")
+
+    sub = command("eval", cmd_eval, "score a model on the config's tasks and retention suite")
+    config_args(sub)
+    sub.add_argument("--model", help="saved weights (directory or .safetensors); default: the config's base")
+
+    sub = command("compare", cmd_compare, "methods × tasks table of one or more run directories")
+    sub.add_argument("runs", nargs="+")
+
+    sub = command("demo", cmd_demo, "tour the core library on the embedded SmolLM2-135M model")
+    sub.add_argument("--p", type=float, default=1.0, help="core-region size in percent (default 1)")
+    sub.add_argument("--tau", type=float, default=0.1, help="Jaccard threshold for grouping (default 0.1)")
+    sub.add_argument("--steps", type=int, default=3, help="AdamW steps per probe fine-tune (default 3)")
     return parser
 
 
@@ -25,13 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cpift`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            from .demo import run_demo
-
-            run_demo(p=args.p, tau=args.tau, steps=args.steps)
+        args.handler(args)
     except CpiftError as exc:
         print(f"cpift: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("cpift: stopped", file=sys.stderr)
+        return 130
     return 0
 
 

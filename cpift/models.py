@@ -482,3 +482,46 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
         pad_token=_TINY_SPECIALS[2],
         chat_template=CHATML_TEMPLATE,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Weights only (run artifacts): one safetensors file in a directory
+# --------------------------------------------------------------------------------------------
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_weights(weights: torch.nn.Module | dict[str, torch.Tensor], directory: str | os.PathLike[str]) -> Path:
+    """Write a model's parameters (tied weights once) or a state dict to ``directory/model.safetensors``.
+
+    The directory is published atomically; an existing one is replaced. Returns the directory.
+    """
+    if isinstance(weights, torch.nn.Module):
+        weights = dict(weights.named_parameters())
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}
+    from safetensors.torch import save_file
+
+    with atomic_dir(Path(directory), overwrite=True) as tmp:
+        save_file(state, tmp / WEIGHTS_FILE)
+    return Path(directory)
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike[str]) -> torch.nn.Module:
+    """Load weights saved by :func:`save_weights` (a directory or the file) into ``model`` in place.
+
+    Raises :class:`CheckpointError` when the file is missing or corrupt, or does not fit the model.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    file = path / WEIGHTS_FILE if path.is_dir() else path
+    try:
+        state = load_file(file)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read weights from {file}: {exc}") from exc
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
+    if unexpected or set(missing) - tied - {n for n, _ in model.named_buffers()}:
+        raise CheckpointError(f"{file} does not fit the model: missing {sorted(set(missing) - tied)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
+    return model

@@ -1,0 +1,88 @@
+"""What every method needs: the run, the tasks, a fresh base model, and budgeted training.
+
+A method is a function ``run(ctx) -> dict[str, str]`` that trains and saves its final model(s)
+under the run directory and returns label → saved model path (relative to the run). The
+:class:`Context` gives each method the same budget and the same data, so comparisons are fair,
+and makes every step resumable: a step whose artifact exists is not done again.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from ..config import Config
+from ..data.tasks import Example, Task
+from ..models import WEIGHTS_FILE, load_weights, save_weights
+from ..runs import CHECKPOINTS, RunDir
+from ..train import TrainConfig, train
+
+@dataclass
+class Context:
+    """Everything a method sees: config, run directory, tasks, the base model and the budget."""
+
+    config: Config
+    run: RunDir
+    tasks: dict[str, Task]
+    base_model: torch.nn.Module
+    tokenizer: object
+    train_config: TrainConfig
+    base_scores: dict[str, float] = field(default_factory=dict)
+    resume: bool = False
+    progress: bool | None = None
+    _base_state: dict[str, torch.Tensor] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._base_state = {n: t.detach().clone() for n, t in self.base_model.state_dict().items()}
+
+    @property
+    def steps(self) -> int:
+        """The optimizer-step budget every method gets."""
+        return self.train_config.steps
+
+    def fresh_base(self) -> torch.nn.Module:
+        """A copy of the base model, untouched by earlier steps."""
+        model = copy.deepcopy(self.base_model)
+        model.load_state_dict(self._base_state)
+        return model
+
+    def examples(self, task_names: Sequence[str], per_task: int | None = None, seed: int = 0) -> list[Example]:
+        """Training examples of ``task_names``, balanced: ``per_task`` from each (default all), shuffled."""
+        rng = random.Random(seed)
+        chosen: list[Example] = []
+        for name in task_names:
+            pool = list(self.tasks[name].train)
+            rng.shuffle(pool)
+            chosen.extend(pool[:per_task] if per_task else pool)
+        rng.shuffle(chosen)
+        return chosen
+
+    def train_stage(
+        self,
+        model: torch.nn.Module,
+        examples: Sequence[Example],
+        stage: str,
+        steps: int,
+        frozen: Mapping[str, torch.Tensor] | None = None,
+        lr: float | None = None,
+    ) -> torch.nn.Module:
+        """Train ``model`` in place for ``steps`` optimizer steps; events and checkpoints go to the run."""
+        settings = dataclasses.replace(self.train_config, steps=steps, **({"lr": lr} if lr else {}))
+        self.run.set_stage(stage)
+        train(model, self.tokenizer, examples, settings, frozen=frozen, stage=stage,
+              checkpoint_dir=self.run.path / CHECKPOINTS / stage.replace("/", "_"), resume=self.resume,
+              on_event=lambda event: self.run.log_event(**event), progress=self.progress)
+        return model
+
+    def cached_model(self, relpath: str, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """The model saved at ``relpath`` if a finished earlier run left it, else ``build()`` saved there."""
+        directory = self.run.path / relpath
+        if (directory / WEIGHTS_FILE).is_file():
+            return load_weights(self.fresh_base(), directory)
+        model = build()
+        save_weights(model, directory)
+        return model

@@ -1,0 +1,95 @@
+"""CPI-FT, the paper's four stages, keeping every intermediate artifact in the run directory.
+
+1. Probe: fine-tune the base briefly on each task alone (``probes/<task>/``).
+2. Core regions at p (``regions/``), their Jaccard similarity (``similarity.json``), groups at τ
+   and the stage order (``groups.json``, with every grouping by τ).
+3. Fusion: core transplant + SLERP (``fusion/`` weights, ``fusion/report.csv``). Its base is the
+   pretrained model (``fusion_base = "pretrained"``, the default) or the probe of the task that
+   trains last (``"last_stage"``): the paper's "model of the last fine-tuning stage" reads both ways.
+4. Consolidation from the fused model: the groups train in stage order on a balanced sample of
+   their tasks' data (``samples_per_task`` each), every core of the earlier groups frozen exactly.
+
+The probes are extra training the baselines do not get; the consolidation uses the same
+optimizer-step budget as every other method.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..fusion import fuse
+from ..grouping import group_tasks, groupings_by_tau, stage_order
+from ..masks import unpack_all
+from ..regions import CoreRegions, core_regions
+from .common import Context
+from .multistage import split_evenly
+
+
+def probes(ctx: Context) -> dict[str, torch.nn.Module]:
+    """One probe fine-tune per task from the base (``probe.steps`` steps each)."""
+    settings = ctx.config.probe
+    return {
+        task: ctx.cached_model(
+            f"probes/{task}",
+            lambda task=task: ctx.train_stage(ctx.fresh_base(), ctx.examples([task], seed=ctx.config.run.seed),
+                                              f"probe/{task}", settings.steps, lr=settings.lr),
+        )
+        for task in ctx.tasks
+    }
+
+
+def regions_of(ctx: Context, tuned: dict[str, torch.nn.Module]) -> CoreRegions:
+    """The probes' core regions at p, saved once under ``regions/``."""
+    path = ctx.run.path / "regions"
+    if (path / "manifest.json").is_file():
+        return CoreRegions.load(path)
+    regions = core_regions(ctx.base_model, tuned, p=ctx.config.cpift.p, progress=ctx.progress)
+    regions.save(path)
+    return regions
+
+
+def frozen_union(regions: CoreRegions, tasks: list[str]) -> dict[str, torch.Tensor]:
+    """The union of ``tasks``' cores as per-parameter boolean masks."""
+    words = np.zeros(regions.layout.n_words, dtype=np.uint64)
+    for task in tasks:
+        words |= regions.packed(task)
+    return unpack_all(words, regions.layout)
+
+
+def run(ctx: Context) -> dict[str, torch.nn.Module]:
+    """Probe, regions, groups, fusion and staged consolidation; returns the probes and the final model."""
+    settings = ctx.config.cpift
+    tuned = probes(ctx)
+    regions = regions_of(ctx, tuned)
+    similarity = regions.jaccard()
+    groups = group_tasks(similarity, settings.tau)
+    stages = stage_order(groups, settings.order, similarity, seed=ctx.config.run.seed)
+    ctx.run.write_json("similarity.json", {"tasks": list(similarity.index), "jaccard": similarity.to_numpy().tolist()})
+    ctx.run.write_json("groups.json", {
+        "tau": settings.tau, "order": settings.order, "groups": groups, "stages": stages,
+        "groupings_by_tau": [{"tau_min": g.tau_min, "tau_max": g.tau_max, "groups": [list(x) for x in g.groups]}
+                             for g in groupings_by_tau(similarity)],
+    })
+
+    def fused_model() -> torch.nn.Module:
+        fusion_base = ctx.base_model if settings.fusion_base == "pretrained" else tuned[stages[-1][-1]]
+        state = fuse(fusion_base, tuned, regions, settings.omega, settings.overlap, fold=settings.fold,
+                     progress=ctx.progress)
+        model = ctx.fresh_base()
+        model.load_state_dict(state, strict=False)
+        state.report.to_csv(ctx.run.path_for("fusion_report.csv"), index=False)
+        return model
+
+    def consolidated() -> torch.nn.Module:
+        model = ctx.cached_model("fusion", fused_model)
+        done: list[str] = []
+        for i, (group, steps) in enumerate(zip(stages, split_evenly(ctx.steps, len(stages)))):
+            frozen = frozen_union(regions, done) if done else None
+            examples = ctx.examples(group, per_task=settings.samples_per_task, seed=ctx.config.run.seed + i)
+            ctx.train_stage(model, examples, f"cpift/stage{i + 1}", steps, frozen=frozen)
+            done.extend(group)
+        return model
+
+    final = ctx.cached_model("methods/cpift/final", consolidated)
+    return {**{f"probe:{task}": model for task, model in tuned.items()}, "cpift": final}
