@@ -6,6 +6,9 @@ import os
 
 # Tests never reach for a model hub: set before huggingface_hub is first imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tests' models are tiny: one thread each is fastest, and OpenMP threads that spin while another
+# process holds the other core slow a tiny forward pass 20-fold. Inherited by subprocesses too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

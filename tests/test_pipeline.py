@@ -25,7 +25,7 @@ from cpift.runs import RunDir
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.toml"
 # Every task alone (τ = 1), so CPI-FT consolidates in several stages with earlier cores frozen.
-STAGED = ["cpift.tau=1.0", "train.warmup_steps=0", "train.steps=8"]
+STAGED = ["cpift.tau=1.0", "train.warmup_steps=0", "train.steps=8", "train.keep_checkpoints=true"]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,12 @@ def test_every_method_and_artifact(tiny_run: RunDir) -> None:
     steps = [e for e in run.events() if e.get("event") == "step"]
     assert {"stage", "step", "loss", "lr", "tokens_per_s", "eta_s"} <= set(steps[0])
     assert not any(p.name.startswith(".") for p in run.path.rglob("*") if p.is_dir())  # no half-written dirs
+
+
+def test_stage_checkpoints_are_removed_once_a_method_is_saved(tmp_path: Path) -> None:
+    run = run_config(load_config(TINY, ['run.methods=["multitask"]']), tmp_path / "lean", progress=False)
+    assert (run.path / "methods/multitask/final" / WEIGHTS_FILE).is_file()
+    assert not any((run.path / "checkpoints").glob("*/step-*"))
 
 
 def test_frozen_cores_of_earlier_stages_are_bit_identical(tiny_run: RunDir) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ class Context:
     resume: bool = False
     progress: bool | None = None
     _base_state: dict[str, torch.Tensor] = field(init=False, repr=False)
+    _stage_checkpoints: list = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._base_state = {n: t.detach().clone() for n, t in self.base_model.state_dict().items()}
@@ -72,10 +74,11 @@ class Context:
     ) -> torch.nn.Module:
         """Train ``model`` in place for ``steps`` optimizer steps; events and checkpoints go to the run."""
         settings = dataclasses.replace(self.train_config, steps=steps, **({"lr": lr} if lr else {}))
+        checkpoint_dir = self.run.path / CHECKPOINTS / stage.replace("/", "_")
+        self._stage_checkpoints.append(checkpoint_dir)
         self.run.set_stage(stage)
-        train(model, self.tokenizer, examples, settings, frozen=frozen, stage=stage,
-              checkpoint_dir=self.run.path / CHECKPOINTS / stage.replace("/", "_"), resume=self.resume,
-              on_event=lambda event: self.run.log_event(**event), progress=self.progress)
+        train(model, self.tokenizer, examples, settings, frozen=frozen, stage=stage, checkpoint_dir=checkpoint_dir,
+              resume=self.resume, on_event=lambda event: self.run.log_event(**event), progress=self.progress)
         return model
 
     def cached_model(self, relpath: str, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -85,4 +88,9 @@ class Context:
             return load_weights(self.fresh_base(), directory)
         model = build()
         save_weights(model, directory)
+        # The stages behind this model can no longer be resumed into: their checkpoints go.
+        if not self.config.train.keep_checkpoints:
+            for checkpoint_dir in self._stage_checkpoints:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        self._stage_checkpoints.clear()
         return model
