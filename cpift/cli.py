@@ -36,9 +36,8 @@ def _print_table(frame) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .pipeline import compare, run_config
-
     from .config import load_config
+    from .pipeline import compare, run_config
 
     run = run_config(load_config(args.config, args.set), args.out, resume=args.resume)
     print(f"run finished: {run.path}")

@@ -29,10 +29,10 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from ._version import __version__
 from .atomic import atomic_dir
 from .checkpoint import Checkpoint, ModelLike, aligned_names, all_finite, open_checkpoint
 from .errors import CheckpointError, FormatError, ParameterError
+from .manifest import manifest_header, read_manifest
 from .masks import Layout, popcount, tensor_counts, unpack, unpack_all
 from .overlap import group_jaccard, group_sizes, jaccard_matrix
 from .selection import k_for_percent, top_k
@@ -180,9 +180,7 @@ class CoreRegions:
         """
         directory = Path(directory)
         manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "cpift_version": __version__,
+            **manifest_header(FORMAT, FORMAT_VERSION),
             "p": self.p,
             "scope": self.scope,
             "tasks": self.tasks,
@@ -207,7 +205,7 @@ class CoreRegions:
     def load(cls, directory: str | Path) -> CoreRegions:
         """Read regions written by :meth:`save`; a damaged or foreign directory gives a :class:`FormatError`."""
         directory = Path(directory)
-        manifest = _read_manifest(directory)
+        manifest = read_manifest(directory / MANIFEST, FORMAT, FORMAT_VERSION, "core-regions")
         layout = Layout.from_json(manifest["layout"])
         masks = _load_arrays(directory / MASKS_FILE, manifest["tasks"])
         for task in manifest["tasks"]:
@@ -226,24 +224,6 @@ class CoreRegions:
 
     def __repr__(self) -> str:
         return f"CoreRegions(tasks={self.tasks}, p={self.p}, scope={self.scope!r}, numel={self.layout.numel})"
-
-
-def _read_manifest(directory: Path) -> dict:
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise FormatError(f"{directory}: not a core-regions directory ({MANIFEST} is missing)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FormatError(f"{path}: unreadable manifest: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise FormatError(f"{path}: not a cpift core-regions manifest")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise FormatError(
-            f"{path}: written in format version {manifest.get('version')} by cpift "
-            f"{manifest.get('cpift_version')}; this cpift reads version {FORMAT_VERSION}"
-        )
-    return manifest
 
 
 def _load_arrays(path: Path, tasks: Sequence[str]) -> dict[str, np.ndarray]:

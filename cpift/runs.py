@@ -61,9 +61,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ._version import __version__
 from .atomic import atomic_dir, atomic_write_text, remove_stale_temps
 from .errors import CpiftError, FormatError, ParameterError
+from .manifest import manifest_header, read_manifest
 
 __all__ = [
     "CHECKPOINTS",
@@ -230,9 +230,7 @@ class RunDir:
             raise ParameterError(f"config must be a mapping or have to_dict(); got {type(config).__name__}")
         now = _now_iso()
         manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "cpift_version": __version__,
+            **manifest_header(FORMAT, FORMAT_VERSION),
             "created": now,
             "updated": now,
             "status": "running",
@@ -276,19 +274,7 @@ class RunDir:
         """The manifest as stored now (read from disk on every access, so a reader sees a live
         run's progress)."""
         path = self.path / MANIFEST
-        if not path.is_file():
-            raise FormatError(f"{path}: missing; {self.path} is not a cpift run directory")
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise FormatError(f"{path}: unreadable run manifest: {exc}") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise FormatError(f"{path}: not a cpift run manifest (format is not {FORMAT!r})")
-        if manifest.get("version") != FORMAT_VERSION:
-            raise FormatError(
-                f"{path}: run format version {manifest.get('version')!r} written by cpift "
-                f"{manifest.get('cpift_version')}; this cpift ({__version__}) reads version {FORMAT_VERSION}"
-            )
+        manifest = read_manifest(path, FORMAT, FORMAT_VERSION, "run")
         if manifest.get("status") not in STATUSES:
             raise FormatError(f"{path}: unknown run status {manifest.get('status')!r}")
         if not isinstance(manifest.get("config"), dict):

@@ -16,11 +16,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from ..config import Config
 from ..data.tasks import Example, Task
 from ..models import WEIGHTS_FILE, load_weights, save_weights
 from ..runs import CHECKPOINTS, RunDir
 from ..train import TrainConfig, train
+
 
 @dataclass
 class Context:
