@@ -14,7 +14,7 @@ Schema (``key = default``; keys without a default are required)::
     name                        required; letters, digits, '.', '_', '-' (the run directory's name)
     seed = 0                    global seed (0 ≤ seed < 2**32)
     methods = ["cpift", "multitask", "multistage", "sequential"]   subset of METHODS, unique
-    device = "auto"             auto | cpu | cuda | cuda:N | mps
+    device = "auto"             auto | cpu | cuda | mps (choose a GPU with CUDA_VISIBLE_DEVICES)
 
     [model]
     name = "smollm2-135m"       the embedded model (or an alias), "tiny" (a tiny random Llama for
@@ -672,11 +672,11 @@ def _section(name: str, raw: Any, base_dirs: tuple[Path, ...]) -> dict[str, Any]
 
 
 def _device(key: str, device: str) -> str:
-    if device in DEVICES or re.fullmatch(r"cuda:\d+", device):
+    if device in DEVICES:
         return device
-    hint = _suggest(device, DEVICES)
-    tip = f"; did you mean {hint!r}?" if hint else ""
-    raise ConfigError(key, f"{device!r} is not one of {', '.join(DEVICES)} (or cuda:N){tip}")
+    hint = "; choose the GPU with CUDA_VISIBLE_DEVICES" if device.startswith("cuda:") else (
+        f"; did you mean {_suggest(device, DEVICES)!r}?" if _suggest(device, DEVICES) else "")
+    raise ConfigError(key, f"{device!r} is not one of {', '.join(DEVICES)}{hint}")
 
 
 def parse_config(data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] | None = None) -> Config:

@@ -64,6 +64,7 @@ def run_config(
     """Run every method of ``config`` into the run directory ``out``; returns the run."""
     config = config if isinstance(config, Config) else load_config(config)
     tasks = build_tasks(config)
+    settings = train_config(config)  # validated, like everything else, before the run exists
     run = RunDir.open(out) if resume else RunDir.create(out, config.to_dict())
     with run.lock(), run.running():
         model, tokenizer = load_base(config)
@@ -75,7 +76,7 @@ def run_config(
         run.set_stage("eval/base")
         scores = [evaluate_model(model, tokenizer, "base", list(tasks.values()), retention_texts=texts, **options)]
         base_scores = dict(zip(scores[0].task, scores[0].score))
-        ctx = Context(config, run, tasks, model, tokenizer, train_config(config), base_scores, resume, progress)
+        ctx = Context(config, run, tasks, model, tokenizer, settings, base_scores, resume, progress)
         for method in config.run.methods:
             for label, trained in METHODS[method](ctx).items():
                 run.set_stage(f"eval/{label}")

@@ -140,7 +140,9 @@ def test_enums_come_from_the_library() -> None:
     for fold in FOLDS:
         assert parse_config(with_value(MINIMAL, "cpift.fold", fold)).cpift.fold == fold
     assert parse_config(with_value(MINIMAL, "cpift.fusion_base", "last_stage")).cpift.fusion_base == "last_stage"
-    assert parse_config(with_value(MINIMAL, "run.device", "cuda:1")).run.device == "cuda:1"
+    assert parse_config(with_value(MINIMAL, "run.device", "cuda")).run.device == "cuda"
+    with pytest.raises(ConfigError, match=r"run\.device: 'cuda:1' .*CUDA_VISIBLE_DEVICES"):
+        parse_config(with_value(MINIMAL, "run.device", "cuda:1"))
 
 
 # -- errors name their key -----------------------------------------------------------------------
