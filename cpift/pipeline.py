@@ -101,7 +101,7 @@ def compare(run_dirs: list[str | Path]) -> pd.DataFrame:
         scores = pd.read_csv(run.path / METRICS_CSV)
         table = scores[scores.task != "retention"].pivot_table(index="model", columns="task", values="score",
                                                                sort=False)
-        table["normalised_average"] = (10 * table).mean(axis=1)
+        table["normalised_average"] = pd.Series(summarize(scores)["normalised_average"])
         retention = scores[(scores.task == "retention") & (scores.metric == "next_token_accuracy")]
         table["retention_acc"] = retention.set_index("model")["score"]
         table.index = [f"{Path(path).name}/{m}" if len(run_dirs) > 1 else m for m in table.index]
