@@ -79,6 +79,9 @@ def test_number_match() -> None:
         ("(A) Ann is tallest", "A"),
         ("B) because", "B"),
         ("A cat is an animal.", None),  # the article is not a choice
+        ("A. Ann\nB. Ben\nC. Cal", None),  # repeating the options chooses none
+        ("C. Cal\nbecause Cal is the shortest", "C"),
+        ("Cal is the shortest. Answer: C", "C"),
         ("I think (C) is right", "C"),
         ("Answer: Cal", None),
         ("", None),

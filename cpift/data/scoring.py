@@ -91,8 +91,8 @@ def choice_letter(text: str, letters: str = _LETTERS) -> str | None:
 
     Looked for, in order: the last ``Answer: C`` / ``answer is (C)`` (any case for "answer"); a
     completion that starts with the letter alone on its line or followed by ``.``/``)``/``:``
-    (``"C"``, ``"C. Cal"``, ``"(C) …"``, ``"C) …"``, but not ``"A cat …"``); a
-    parenthesised ``(C)`` anywhere. A bare capital letter inside prose is *not* taken (the
+    (``"C"``, ``"C. Cal"``, ``"(C) …"``, ``"C) …"``, but not ``"A cat …"``, nor a completion
+    that lists several options line by line); a parenthesised ``(C)`` anywhere. A bare capital letter inside prose is *not* taken (the
     article "A" would read as a choice).
     """
     if not isinstance(text, str) or not text.strip():
@@ -103,7 +103,10 @@ def choice_letter(text: str, letters: str = _LETTERS) -> str | None:
         return found[-1]
     head = re.match(rf"\s*\(?({cls})(?:[).:,]|[ \t]*(?:\n|$))", text)
     if head:
-        return head.group(1)
+        listed = set(re.findall(rf"^\s*\(?({cls})[.)]\s", text, re.MULTILINE))
+        if len(listed) <= 1:  # several option lines: the completion repeats the options, chooses none
+            return head.group(1)
+        return None
     paren = re.search(rf"\(({cls})\)", text)
     return paren.group(1) if paren else None
 
