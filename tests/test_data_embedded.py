@@ -145,7 +145,8 @@ def test_logic_letters_are_spread_and_options_distinct(suite: dict[str, Task]) -
         lines = prompts([example])[0].splitlines()[-4:]
         assert [line[:3] for line in lines] == ["A. ", "B. ", "C. ", "D. "]
         assert len({line[3:] for line in lines}) == 4
-        assert example.answer == f"Answer: {example.target}"
+        reason, _, letter = example.answer.rpartition(" Answer: ")
+        assert letter == example.target and reason.endswith(".") and len(reason) >= 10
 
 
 def test_format_covers_every_rule(suite: dict[str, Task]) -> None:

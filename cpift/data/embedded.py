@@ -18,8 +18,13 @@ task               family    metric        what it asks, and how an answer is sc
                                            bodies: reverse, sum of evens, count vowels, …); target =
                                            hidden ``assert`` tests run in :mod:`cpift.sandbox`
 ``logic``          logic     accuracy      multiple choice A–D (orderings, syllogisms with nonsense
-                                           words, number and quantity comparisons, weekdays); the
-                                           answer is "Answer: C"; scored by the chosen letter
+                                           words, number and quantity comparisons, weekdays);
+                                           answers are one short reason ending with the chosen
+                                           option, then the letter ("Monday + 3 days = Thursday.
+                                           Answer: C"); scored by the letter
+                                           (:func:`~cpift.data.scoring.choice_letter`). The hardest
+                                           family for a 135M model: letter choice is near chance
+                                           and 30 steps teach the format before the reasoning
 ``format``         format    rule_pass     explicit format instructions: a JSON object with given
                                            keys, a bullet list of exactly N items, all upper / all
                                            lower case, at most N words; target = the rules
@@ -316,10 +321,11 @@ def _logic(rng: random.Random) -> Drawn:
         facts = [f"{p[0]} is {rel} than {p[1]}.", f"{p[1]} is {rel} than {p[2]}."]
         rng.shuffle(facts)
         which = rng.randrange(3)
-        ask, correct = ((f"Who is the {top}?", p[0]), (f"Who is the {bottom}?", p[2]),
-                        ("Who is in the middle?", p[1]))[which]
+        ask, correct, label = ((f"Who is the {top}?", p[0], top), (f"Who is the {bottom}?", p[2], bottom),
+                               ("Who is in the middle?", p[1], "middle"))[which]
         wrong = [x for x in p[:3] if x != correct] + ["Cannot be determined"]
         question = f"{' '.join(facts)} {ask}"
+        why = f"From {top} to {bottom}: {p[0]}, {p[1]}, {p[2]}. {label.capitalize()}: {correct}."
     elif kind == 1:  # syllogisms with nonsense words
         a, b, c = rng.sample(_NONSENSE, 3)
         name = rng.choice(_NAMES)
@@ -336,17 +342,20 @@ def _logic(rng: random.Random) -> Drawn:
             question = f"All {a} are {b}. All {b} are {c}. Which statement must be true?"
             correct = f"All {a} are {c}."
             wrong = [f"All {c} are {a}.", f"No {a} are {c}.", f"No {b} are {c}."]
+        why = correct
     elif kind == 2:  # the largest / smallest number
         nums = rng.sample(range(10, 100), 4)
         largest = rng.random() < 0.5
         question = f"Which number is the {'largest' if largest else 'smallest'}?"
         correct = str(max(nums) if largest else min(nums))
         wrong = [str(n) for n in nums if str(n) != correct]
+        why = f"The {'largest' if largest else 'smallest'} is {correct}."
     elif kind == 3:  # weekdays
         start, k = rng.randrange(7), rng.randint(1, 6)
         question = f"If today is {_DAYS[start]}, what day will it be in {k} days?"
         correct = _DAYS[(start + k) % 7]
         wrong = rng.sample([d for d in _DAYS if d != correct], 3)
+        why = f"{_DAYS[start]} + {k} days = {correct}."
     else:  # comparing quantities
         p = rng.sample(_NAMES, 3)
         item = rng.choice(_ITEMS)
@@ -367,8 +376,9 @@ def _logic(rng: random.Random) -> Drawn:
         question = (f"{p[0]} has {a} {item}. {p[1]} has {d1} more than {p[0]}. {third} "
                     f"Who has the {'most' if most else 'fewest'} {item}?")
         wrong = [x for x in p if x != correct] + ["They have the same number"]
+        why = ", ".join(f"{x} {counts[x]}" for x in p) + f". {'Most' if most else 'Fewest'}: {correct}."
     prompt, letter = _choice_prompt(rng, question, correct, wrong)
-    return prompt, f"Answer: {letter}", letter, {"template": kind}
+    return prompt, f"{why} Answer: {letter}", letter, {"template": kind}
 
 
 # ==============================================================================================
@@ -504,8 +514,8 @@ _SPECS: dict[str, _Spec] = {
     "code": _Spec("code", "pass@1", scoring.code_pass, _code, "code",
                   "Write a one-line Python function; scored by hidden unit tests run in the sandbox."),
     "logic": _Spec("logic", "accuracy", scoring.letter_match, _logic, "logic",
-                   "Multiple choice A-D: orderings, syllogisms, comparisons, weekdays; answers are "
-                   "'Answer: X'; scored by the chosen letter."),
+                   "Multiple choice A-D: orderings, syllogisms, comparisons, weekdays; answers are a "
+                   "short reason then 'Answer: X'; scored by the chosen letter."),
     "format": _Spec("format", "rule_pass", scoring.rules_pass, _format, "format",
                     "Explicit format instructions (JSON keys, bullet count, letter case, word limit); "
                     "scored by checking the rules."),
