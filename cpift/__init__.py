@@ -25,9 +25,12 @@ _EXPORTS = {
     "overlap": ("jaccard_matrix", "group_jaccard", "layer_of", "module_of"),
     "grouping": ("Grouping", "STAGE_ORDERS", "dendrogram_data", "group_tasks", "groupings_by_tau",
                  "linkage_matrix", "similarity_graph", "stage_order"),
-    "fusion": ("FusedState", "fuse", "slerp"),
+    "fusion": ("FusedState", "fuse", "slerp", "transplant_report"),
     "freezing": ("MaskedOptimizer",),
     "selection": ("top_k",),
+    "sparse": ("ImportanceTracker", "SCORES", "sparse_mask", "sparse_scores"),
+    "train": ("estimate_gradients",),
+    "evaluate": ("COLLAPSE_THRESHOLD", "forgetting"),
     "models": ("EMBEDDED_MODEL", "load_model", "save_model", "tiny_llama"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

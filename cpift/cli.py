@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def cmd_regions(args: argparse.Namespace) -> None:
 
     regions = core_regions(args.base, _task_models(args.task), p=args.p, scope=args.scope,
                            include=args.include or None, exclude=args.exclude or None)
-    regions.save(args.out, magnitudes=args.magnitudes)
+    regions.save(args.out, magnitudes=args.magnitudes, compress=args.compress)
     print(f"core regions at p = {args.p}% saved to {args.out}")
     _print_table(regions.jaccard())
 
@@ -109,10 +110,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .data import retention_text
     from .evaluate import evaluate_model
     from .models import load_weights
-    from .pipeline import build_tasks, load_base
+    from .pipeline import build_tasks, load_base, retention_suite
 
     config = load_config(args.config, args.set)
     tasks = build_tasks(config)
@@ -121,8 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.model:
         load_weights(model, args.model)
         label = Path(args.model).name
-    texts = retention_text(n_chunks=config.eval.n_retention_chunks, seed=config.data.seed) if config.eval.retention else []
-    scores = evaluate_model(model, tokenizer, label, list(tasks.values()), retention_texts=texts,
+    scores = evaluate_model(model, tokenizer, label, list(tasks.values()), **retention_suite(config),
                             max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
     _print_table(scores)
 
@@ -133,6 +132,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
     _print_table(compare(args.runs))
 
 
+def cmd_pack(args: argparse.Namespace) -> None:
+    from .pipeline import pack_run
+
+    out = pack_run(args.run, args.out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"{args.run} packed into {out} ({size / 2**20:.1f} MiB, without weights)")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -141,6 +148,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``cpift`` command."""
+    from .config import METHODS
     parser = argparse.ArgumentParser(prog="cpift", description="Parameter-isolation fine-tuning for LLMs.")
     parser.add_argument("--version", action="version", version=f"cpift {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -176,7 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--scope", choices=("global", "tensor"), default="global")
     sub.add_argument("--include", action="append", default=[], metavar="PATTERN")
     sub.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
-    sub.add_argument("--magnitudes", action="store_true", help="also save |Δ| so a loaded copy can change p")
+    sub.add_argument("--magnitudes", nargs="?", type=float, const=True, default=False, metavar="Q",
+                     help="also save |Δ| so a loaded copy can change p: every |Δ|, or with Q only the top Q%% "
+                          "(float16; p ≤ Q)")
+    sub.add_argument("--compress", action="store_true", help="deflate the saved masks (and top magnitudes)")
     sub.add_argument("--out", required=True)
 
     sub = command("group", cmd_group, "group the tasks of saved core regions at τ")
@@ -195,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("train", cmd_train, "run one method of a config")
     config_args(sub)
-    sub.add_argument("--method", required=True, help="cpift, multitask, multistage or sequential")
+    sub.add_argument("--method", required=True, help="one of run.methods' choices: " + ", ".join(METHODS))
     sub.add_argument("--out", required=True)
     sub.add_argument("--resume", action="store_true")
 
@@ -203,8 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(sub)
     sub.add_argument("--model", help="saved weights (directory or .safetensors); default: the config's base")
 
-    sub = command("compare", cmd_compare, "methods × tasks table of one or more run directories")
+    sub = command("compare", cmd_compare, "methods × tasks table of one or more run directories, with "
+                  "retention and forgetting (mean forget ratio, collapse rate)")
     sub.add_argument("runs", nargs="+")
+
+    sub = command("pack", cmd_pack, "copy a run directory without model weights and training checkpoints "
+                  "(to share it, or ship it in sample_runs/)")
+    sub.add_argument("run")
+    sub.add_argument("--out", required=True)
 
     sub = command("demo", cmd_demo, "tour the core library on the embedded SmolLM2-135M model")
     sub.add_argument("--p", type=float, default=1.0, help="core-region size in percent (default 1)")
@@ -228,4 +245,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (cpift.launch.stop_run, the app's Stop button) stops like Ctrl-C: the run records "stopped".
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.exit(main())

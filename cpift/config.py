@@ -74,6 +74,32 @@ Schema (``key = default``; keys without a default are required)::
     second = data.tasks[1]      another task of data.tasks
     methods = ["multitask", "multistage", "cpift"]   subset of SEQUENTIAL_METHODS, unique
 
+    [lora]                      the LoRA and DoRA baselines (through peft; DoRA = LoRA with use_dora)
+    rank = 8                    adapter rank r (≥ 1)
+    alpha = 16.0                scaling numerator: the update is (alpha / rank) · B·A (> 0)
+    dropout = 0.05              dropout on the adapter's input, in [0, 1)
+    target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+                                module names (last component) that get adapters: a Llama's attention
+                                and MLP projections; each must match a module of the model
+    lr = 10 × train.lr          > 0; adapters train from zero (B = 0) on few parameters and
+                                usually want about ten times full fine-tuning's rate
+
+    [sparse]                    GaLLoP, SAFT, PaFi (methods gallop, saft, pafi; the method names the score)
+    density = [1.0]             percent(s) of all parameters trained, each in (0, 100]; one model per
+                                density, labelled METHOD@DENSITY (gallop@1, gallop@0.5); a single
+                                number is a one-element list
+    grad_fraction = 1.0         share of the training mixture the gradient is averaged over, (0, 1]
+    grad_examples = 0           ≥ 0; when ≥ 1, this many examples instead of grad_fraction
+                                (at most the mixture's size)
+    scope = "global"            global | tensor: top density% of the model or of each tensor
+
+    [epi]                       EPI, evolving parameter isolation (stages: multistage.k and .order)
+    p = 1.0                     protected share in percent of all parameters, in (0, 100]
+    interval = 10               R: the protected set is re-selected every R optimizer steps (≥ 1)
+                                and at every stage boundary
+    beta = 0.9                  EMA factor of the squared gradients, in [0, 1)
+    normalise = "tensor"        tensor | layer | none: the group whose mean importance divides it
+
     [eval]
     max_new_tokens = 32         ≥ 1
     batch_size = 8              ≥ 1
@@ -118,6 +144,7 @@ __all__ = [
     "DEVICES",
     "DTYPES",
     "FUSION_BASES",
+    "LORA_TARGETS",
     "METHODS",
     "MULTISTAGE_ORDERS",
     "SECTIONS",
@@ -127,25 +154,31 @@ __all__ = [
     "ConfigError",
     "CpiftConfig",
     "DataConfig",
+    "EpiConfig",
     "EvalConfig",
+    "LoraConfig",
     "ModelConfig",
     "MultistageConfig",
     "ProbeConfig",
     "RunConfig",
     "SequentialConfig",
+    "SparseConfig",
     "TrainConfig",
     "apply_overrides",
     "load_config",
     "parse_config",
 ]
 
-METHODS: tuple[str, ...] = ("cpift", "multitask", "multistage", "sequential")
+METHODS: tuple[str, ...] = ("cpift", "multitask", "multistage", "sequential", "lora", "dora", "epi", "gallop",
+                            "saft", "pafi")
 SEQUENTIAL_METHODS: tuple[str, ...] = ("multitask", "multistage", "cpift")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
 FUSION_BASES: tuple[str, ...] = ("pretrained", "last_stage")
 MULTISTAGE_ORDERS: tuple[str, ...] = ("random", "heuristic")
 TINY_MODEL = "tiny"
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_LR_FACTOR = 10.0  # lora.lr defaults to this × train.lr
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")  # as cpift.checkpoint
@@ -198,6 +231,18 @@ def _folds() -> tuple[str, ...]:
     return tuple(FOLDS)
 
 
+def _scopes() -> tuple[str, ...]:
+    from .selection import SCOPES
+
+    return tuple(SCOPES)
+
+
+def _normalisations() -> tuple[str, ...]:
+    from .sparse import NORMALISATIONS
+
+    return tuple(NORMALISATIONS)
+
+
 # -- field specifications ------------------------------------------------------------------------
 
 _REQUIRED: Any = dataclasses.MISSING
@@ -209,7 +254,8 @@ def _spec(default: Any = _REQUIRED, *, kind: str, ge: float | None = None, gt: f
           derived: bool = False) -> Any:
     """A dataclass field carrying its validation rules in ``metadata``.
 
-    kind: ``str``, ``int``, ``float``, ``bool``, ``strs`` (list of unique strings) or ``datasets``.
+    kind: ``str``, ``int``, ``float``, ``bool``, ``strs`` (list of unique strings), ``floats`` (list of
+    distinct numbers, each within the bounds) or ``datasets``.
     derived: the default (``None`` here) is computed from other keys after parsing.
     """
     meta = {"kind": kind, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "derived": derived}
@@ -311,6 +357,37 @@ class SequentialConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """``[lora]``: the LoRA / DoRA adapters (``peft``) and their learning rate."""
+
+    rank: int = _spec(8, kind="int", ge=1)
+    alpha: float = _spec(16.0, kind="float", gt=0)
+    dropout: float = _spec(0.05, kind="float", ge=0, lt=1)
+    target_modules: tuple[str, ...] = _spec(LORA_TARGETS, kind="strs")
+    lr: float = _spec(None, kind="float", gt=0, derived=True)  # default: LORA_LR_FACTOR × train.lr
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """``[sparse]``: GaLLoP / SAFT / PaFi sparse fine-tuning (selection and densities)."""
+
+    density: tuple[float, ...] = _spec((1.0,), kind="floats", gt=0, le=100)
+    grad_fraction: float = _spec(1.0, kind="float", gt=0, le=1)
+    grad_examples: int = _spec(0, kind="int", ge=0)
+    scope: str = _spec("global", kind="str", choices=_scopes)
+
+
+@dataclass(frozen=True)
+class EpiConfig:
+    """``[epi]``: evolving parameter isolation (the stages are multistage's)."""
+
+    p: float = _spec(1.0, kind="float", gt=0, le=100)
+    interval: int = _spec(10, kind="int", ge=1)
+    beta: float = _spec(0.9, kind="float", ge=0, lt=1)
+    normalise: str = _spec("tensor", kind="str", choices=_normalisations)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """``[eval]``: scoring the models."""
 
@@ -332,6 +409,9 @@ class Config:
     cpift: CpiftConfig
     multistage: MultistageConfig
     sequential: SequentialConfig
+    lora: LoraConfig
+    sparse: SparseConfig
+    epi: EpiConfig
     eval: EvalConfig
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -376,6 +456,9 @@ SECTIONS: dict[str, type] = {
     "cpift": CpiftConfig,
     "multistage": MultistageConfig,
     "sequential": SequentialConfig,
+    "lora": LoraConfig,
+    "sparse": SparseConfig,
+    "epi": EpiConfig,
     "eval": EvalConfig,
 }
 """Section name → its dataclass, in file order."""
@@ -500,6 +583,21 @@ def _as_strs(key: str, value: Any, *, plain: bool = False) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _as_floats(key: str, value: Any, meta: Mapping[str, Any]) -> tuple[float, ...]:
+    """A non-empty list of distinct numbers, each within the field's bounds; a bare number is a list of one."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise ConfigError(key, "must not be empty")
+    out: list[float] = []
+    for i, item in enumerate(items):
+        number = _as_float(f"{key}[{i}]", item)
+        _check_number(f"{key}[{i}]", number, meta)
+        if number in out:
+            raise ConfigError(key, f"{number!r} is listed twice")
+        out.append(number)
+    return tuple(out)
+
+
 def _as_table(key: str, value: Any) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise ConfigError(key, f"expected a table, got {_describe(value)}")
@@ -522,6 +620,8 @@ def _value(key: str, value: Any, f: dataclasses.Field, base_dirs: tuple[Path, ..
         value = _as_str(key, value)
     elif kind == "strs":
         value = _as_strs(key, value, plain=True)
+    elif kind == "floats":
+        value = _as_floats(key, value, meta)
     elif kind == "datasets":
         value = _datasets(key, value, base_dirs)
     choices = meta.get("choices")
@@ -721,6 +821,10 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] | 
     elif cp["samples_per_task"] > dat["n_train"]:
         raise ConfigError("cpift.samples_per_task", f"{cp['samples_per_task']} is more than data.n_train "
                           f"({dat['n_train']}): the consolidation sample is drawn from each task's training data")
+
+    lora = sections["lora"]
+    if lora["lr"] is None:
+        lora["lr"] = LORA_LR_FACTOR * sections["train"]["lr"]
 
     ms = sections["multistage"]
     if ms["k"] is None:

@@ -23,12 +23,15 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import ModelLike, aligned_names, open_checkpoint
 from .errors import MismatchError, ParameterError
+from .masks import WORD_BITS, positions
+from .overlap import _grouping
 from .regions import CoreRegions
 
 OVERLAP_RULES = ("max_delta", "last", "mean")
@@ -100,8 +103,7 @@ def _fuse_tensors(
 ) -> Iterator[_FusedTensor]:
     """Fuse tensor by tensor, yielding each fused tensor with its report row."""
     _check_unit("omega", omega)
-    if overlap not in OVERLAP_RULES:
-        raise ParameterError(f"overlap must be one of {', '.join(OVERLAP_RULES)}; got {overlap!r}")
+    _check_overlap(overlap)
     if fold not in FOLDS:
         raise ParameterError(f"fold must be one of {', '.join(FOLDS)}; got {fold!r}")
     if list(tuned) != regions.tasks:
@@ -162,22 +164,100 @@ def _transplant(
     where = torch.nonzero(in_any).squeeze(1)
     owns = torch.stack([mask[where] for mask in masks])  # task × position
     vals = torch.stack([value[where] for value in values])
-    count = owns.sum(0)
-    contested = int((count > 1).sum())
-    if overlap == "mean":
-        chosen = torch.where(owns, vals, 0.0).sum(0) / count
-        owned = (owns & (count == 1)).sum(1)
+    delta = (vals - base[where]).abs() if overlap == "max_delta" else None
+    winner, credit, contested = _resolve(owns, delta, overlap)
+    if winner is None:  # mean
+        chosen = torch.where(owns, vals, 0.0).sum(0) / owns.sum(0)
     else:
-        if overlap == "last":  # the last owner wins
-            score = torch.arange(len(values), dtype=torch.float32).unsqueeze(1).expand_as(vals)
-        else:  # max_delta: argmax takes the first maximum, so ties stay with the earlier task
-            score = (vals - base[where]).abs()
-        winner = torch.where(owns, score, -1.0).argmax(0)
         chosen = vals.gather(0, winner.unsqueeze(0)).squeeze(0)
-        owned = torch.bincount(winner, minlength=len(values))
     result = fused.clone()
     result[where] = chosen
-    return result, owned.tolist(), contested
+    return result, credit.sum(1).tolist(), int(contested.sum())
+
+
+def _resolve(
+    owns: torch.Tensor, delta: torch.Tensor | None, overlap: str
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Who supplies each gathered core position under an overlap rule (the one place the rules live).
+
+    Args:
+        owns: task × position booleans, every position in at least one core.
+        delta: task × position |Δ| (needed by ``max_delta`` only).
+        overlap: one of :data:`OVERLAP_RULES`.
+
+    Returns:
+        ``winner`` (the task index taking each position; ``None`` for ``mean``, where the
+        contending tasks are averaged), ``credit`` (task × position: the positions counted as the
+        task's in a report — its won positions, or for ``mean`` those it alone owns) and
+        ``contested`` (positions in more than one core).
+    """
+    count = owns.sum(0)
+    contested = count > 1
+    if overlap == "mean":
+        return None, owns & ~contested, contested
+    if overlap == "last":  # the last owner wins
+        score = torch.arange(owns.shape[0], dtype=torch.float32).unsqueeze(1).expand(owns.shape)
+    else:  # max_delta: argmax takes the first maximum, so ties stay with the earlier task
+        score = delta
+    winner = torch.where(owns, score, -1.0).argmax(0)
+    credit = torch.zeros_like(owns)
+    credit[winner, torch.arange(owns.shape[1])] = True
+    return winner, credit, contested
+
+
+def _check_overlap(overlap: str) -> None:
+    if overlap not in OVERLAP_RULES:
+        raise ParameterError(f"overlap must be one of {', '.join(OVERLAP_RULES)}; got {overlap!r}")
+
+
+def transplant_report(regions: CoreRegions, overlap: str = "max_delta", by: str = "tensor") -> pd.DataFrame:
+    """What the core transplant of :func:`fuse` takes from each task, from the regions alone.
+
+    Which task supplies a core element depends only on the masks and the overlap rule (and, for
+    ``max_delta``, on |Δ| at the core positions, which the regions' kept magnitudes hold), not on
+    ω or on the model weights. So this gives the ``from:TASK`` and ``contested`` columns of
+    ``fuse(...).report`` without reading a checkpoint — a run shipped without weights can still be
+    previewed. It assumes the fusion's base is the model the regions were measured against (the
+    pipeline's ``fusion_base = "pretrained"``).
+
+    The whole model is resolved at once on the gathered core positions (the union of the cores),
+    then counted per tensor and summed per group.
+
+    Args:
+        regions: the tasks' core regions (with magnitudes covering the cores for ``max_delta``).
+        overlap: one of :data:`OVERLAP_RULES`.
+        by: ``"tensor"`` (one row per tensor of the layout, the fusion report's rows),
+            ``"layer"`` or ``"module"`` (as :meth:`CoreRegions.sizes`).
+
+    Returns:
+        Columns ``group, numel, contested, from:TASK…`` (counts), groups in display order.
+
+    Raises:
+        ParameterError: unknown ``overlap`` or ``by``, or ``max_delta`` on regions without magnitudes.
+    """
+    _check_overlap(overlap)
+    order, group_index = _grouping(regions.layout, by)
+    tasks = regions.tasks
+    if overlap == "max_delta" and regions.max_p is None:
+        raise ParameterError("overlap='max_delta' needs the regions' |Δ| magnitudes; these regions hold none")
+    where = positions(np.bitwise_or.reduce([regions.packed(t) for t in tasks]))
+    word, bit = where // WORD_BITS, (where % WORD_BITS).astype(np.uint64)
+    owns = torch.from_numpy(np.stack([(regions.packed(t)[word] >> bit) & np.uint64(1) for t in tasks]).astype(bool))
+    delta = None
+    if overlap == "max_delta":  # |Δ| is needed at each task's own core positions only
+        delta = torch.zeros(owns.shape, dtype=torch.float32)
+        for row, kept in zip(delta, regions.top_magnitudes(regions.p).values()):
+            row[torch.from_numpy(np.searchsorted(where, kept.indices))] = torch.from_numpy(kept.values)
+    _, credit, contested = _resolve(owns, delta, overlap)
+    # Each position's tensor, then its group: the layout's tensors start at regions.layout.starts.
+    group_of = group_index[np.searchsorted(regions.layout.starts, where, side="right") - 1]
+    n_groups = len(order)
+    table = {"group": order, "numel": np.bincount(group_index, weights=regions.layout.numels,
+                                                   minlength=n_groups).astype(np.int64),
+             "contested": np.bincount(group_of[contested.numpy()], minlength=n_groups)}
+    for task, row in zip(tasks, credit.numpy()):
+        table[f"from:{task}"] = np.bincount(group_of[row], minlength=n_groups)
+    return pd.DataFrame(table)
 
 
 class FusedState(dict):

@@ -9,16 +9,24 @@ slice, unpacked to a ``torch.BoolTensor`` only when asked for.
 
 from __future__ import annotations
 
+import io
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from math import prod
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.numpy import save as save_arrays
 
-from .errors import MismatchError, ParameterError
+from .atomic import atomic_write_bytes
+from .errors import FormatError, MismatchError, ParameterError
 
 WORD_BITS = 64
+_NPZ_METADATA = "__metadata__"  # the JSON metadata entry of a deflated packed-mask file
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,22 @@ def pack_tensors(masks: Mapping[str, torch.Tensor], layout: Layout, what: str = 
     return pack(flat)
 
 
+def positions(words: np.ndarray) -> np.ndarray:
+    """Flat indices of the set bits of a packed mask, ascending (``int64``)."""
+    # Only the words holding a set bit are unpacked: sparse masks skip most of the vector.
+    occupied = np.flatnonzero(words)
+    rows, bits = np.nonzero(np.unpackbits(words[occupied].view(np.uint8), bitorder="little").reshape(-1, WORD_BITS))
+    return occupied[rows] * WORD_BITS + bits
+
+
+def from_positions(indices: np.ndarray, n_words: int) -> np.ndarray:
+    """The packed mask of ``n_words`` words whose set bits are the flat ``indices``."""
+    words = np.zeros(n_words, dtype=np.uint64)
+    indices = np.asarray(indices, dtype=np.uint64)
+    np.bitwise_or.at(words, indices >> np.uint64(6), np.left_shift(np.uint64(1), indices & np.uint64(63)))
+    return words
+
+
 def popcount(words: np.ndarray) -> int:
     """Number of set bits in a packed mask."""
     return int(np.bitwise_count(words).sum(dtype=np.int64))
@@ -137,3 +161,47 @@ def tensor_counts(words: np.ndarray, layout: Layout) -> np.ndarray:
     cumulative = np.concatenate([[0], np.cumsum(np.bitwise_count(words), dtype=np.int64)])
     bounds = layout.starts // WORD_BITS
     return cumulative[bounds[1:]] - cumulative[bounds[:-1]]
+
+
+def save_packed(path: str | os.PathLike[str], masks: Mapping[str, np.ndarray], layout: Layout,
+                metadata: Mapping[str, str] | None = None) -> Path:
+    """Write packed masks over ``layout`` to one file, atomically; returns the path.
+
+    A ``.safetensors`` path stores each mask as a raw ``uint8`` tensor (memory-mappable, instant to
+    read); a ``.npz`` path deflates them — a 1 % mask of a 135M model shrinks from 17 MB to about
+    2 MB — for artifacts that are kept many times or shipped. The layout (names and shapes) and
+    ``metadata`` go in the file, so :func:`load_packed` needs nothing else.
+    """
+    for key, words in masks.items():
+        if words.dtype != np.uint64 or words.size != layout.n_words:
+            raise MismatchError(f"mask {key!r}: expected {layout.n_words} uint64 words, got {words.size} {words.dtype}")
+    header = {**(metadata or {}), "layout": json.dumps(layout.to_json())}
+    arrays = {key: words.view(np.uint8) for key, words in masks.items()}
+    if Path(path).suffix == ".npz":
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays, **{_NPZ_METADATA: np.array(json.dumps(header))})
+        return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write_bytes(path, save_arrays(arrays, metadata=header))
+
+
+def load_packed(path: str | os.PathLike[str]) -> tuple[Layout, dict[str, np.ndarray], dict[str, str]]:
+    """Read a file written by :func:`save_packed`: its layout, masks (key → words) and metadata.
+
+    Raises :class:`FormatError` for a missing, truncated or foreign file, or a mask of the wrong length.
+    """
+    try:
+        if Path(path).suffix == ".npz":
+            with np.load(path) as archive:
+                metadata = json.loads(str(archive[_NPZ_METADATA]))
+                arrays = {key: archive[key] for key in archive.files if key != _NPZ_METADATA}
+        else:
+            with safe_open(os.fspath(path), framework="np") as handle:
+                metadata = dict(handle.metadata() or {})
+                arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+        layout = Layout.from_json(json.loads(metadata.pop("layout")))
+    except Exception as exc:  # safetensors and zipfile raise their own error types; a missing key or bad JSON too
+        raise FormatError(f"{path}: not a readable packed-mask file ({type(exc).__name__}: {exc})") from exc
+    for key, array in arrays.items():
+        if array.dtype != np.uint8 or array.size != layout.n_words * 8:
+            raise FormatError(f"{path}: mask {key!r} has the wrong length for its layout")
+    return layout, {key: array.view(np.uint64) for key, array in arrays.items()}, metadata

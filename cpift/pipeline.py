@@ -10,18 +10,23 @@ artifacts are reused and an interrupted training stage continues from its last c
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from .config import Config, ConfigError, load_config
-from .data import get_task, retention_text
+from .data import get_task, retention_task, retention_text
 from .data.tasks import Task
 from .evaluate import EvalCache, evaluate_model, summarize
 from .methods import METHODS, Context
-from .models import load_model, tiny_llama, tiny_tokenizer
-from .runs import METRICS_CSV, METRICS_JSON, RunDir
+from .atomic import atomic_dir
+from .models import WEIGHTS_FILE, load_model, tiny_llama, tiny_tokenizer
+from .regions import CoreRegions
+from .runs import CHECKPOINTS, LOCK, METRICS_CSV, METRICS_JSON, REGIONS, RunDir, RunLockedError
+from .runs import METHODS as METHODS_DIR
 from .train import TrainConfig
 
 EVAL_CACHE = "eval_cache.json"
@@ -49,6 +54,16 @@ def load_base(config: Config) -> tuple[torch.nn.Module, object]:
     return load_model(config.model.name, dtype=dtype)
 
 
+def retention_suite(config: Config) -> dict[str, list]:
+    """The retention inputs of :func:`~cpift.evaluate.evaluate_model` for ``config``: the held-out
+    prose (``retention_texts``) and the zero-shot questions (``retention_tasks``); both empty when
+    ``eval.retention`` is off."""
+    if not config.eval.retention:
+        return {"retention_texts": [], "retention_tasks": []}
+    return {"retention_texts": retention_text(n_chunks=config.eval.n_retention_chunks, seed=config.data.seed),
+            "retention_tasks": [retention_task()]}
+
+
 def train_config(config: Config) -> TrainConfig:
     """The training settings every method shares (the fair budget)."""
     t = config.train
@@ -69,19 +84,16 @@ def run_config(
     with run.lock(), run.running():
         model, tokenizer = load_base(config)
         cache = EvalCache(run.path_for(EVAL_CACHE))
-        texts = retention_text(n_chunks=config.eval.n_retention_chunks, seed=config.data.seed) \
-            if config.eval.retention else []
         options = {"max_new_tokens": config.eval.max_new_tokens, "batch_size": config.eval.batch_size,
-                   "cache": cache, "progress": progress}
+                   "cache": cache, "progress": progress, **retention_suite(config)}
         run.set_stage("eval/base")
-        scores = [evaluate_model(model, tokenizer, "base", list(tasks.values()), retention_texts=texts, **options)]
+        scores = [evaluate_model(model, tokenizer, "base", list(tasks.values()), **options)]
         base_scores = dict(zip(scores[0].task, scores[0].score))
         ctx = Context(config, run, tasks, model, tokenizer, settings, base_scores, resume, progress)
         for method in config.run.methods:
             for label, trained in METHODS[method](ctx).items():
                 run.set_stage(f"eval/{label}")
-                scores.append(evaluate_model(trained, tokenizer, label, list(tasks.values()),
-                                             retention_texts=texts, **options))
+                scores.append(evaluate_model(trained, tokenizer, label, list(tasks.values()), **options))
             write_metrics(run, pd.concat(scores, ignore_index=True))
             run.log_event(event="method_done", method=method)
     return run
@@ -93,17 +105,58 @@ def write_metrics(run: RunDir, scores: pd.DataFrame) -> None:
     run.write_text(METRICS_CSV, scores.to_csv(index=False))
 
 
+def pack_run(source: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Copy the run ``source`` to ``out`` with only what the app and the report read.
+
+    Left out: model weights, training checkpoints, and the training-time selection masks of the
+    sparse methods and EPI (``methods/*/masks*``; their sizes and EPI's drift curve stay). What
+    remains — config, events, logs, regions, similarity, groups, fusion report, metrics — is a few
+    MB where the weights are gigabytes: the form in which runs are shared and shipped
+    (``sample_runs/``). Core regions are re-saved in their compact form (deflated masks and top-p
+    float16 magnitudes). Pages that need weights say so. A run in use by another process is
+    refused; ``out`` appears complete or not at all.
+    """
+    run = RunDir.open(source)
+    if run.locked_by() is not None:
+        raise RunLockedError(run.path, run.locked_by())
+
+    def kept(path: Path) -> bool:
+        relative = path.relative_to(run.path)
+        return not (path.name.startswith(".") or path.name in (WEIGHTS_FILE, LOCK) or relative.parts[0] in
+                    (CHECKPOINTS, REGIONS) or (relative.parts[0] == METHODS_DIR and path.name.startswith("masks")))
+
+    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+        for dirpath, dirnames, filenames in os.walk(run.path):
+            here = Path(dirpath)
+            dirnames[:] = sorted(d for d in dirnames if kept(here / d))
+            for name in filenames:
+                if kept(here / name):
+                    target = tmp / here.relative_to(run.path) / name
+                    target.parent.mkdir(parents=True, exist_ok=True)  # only directories that keep a file
+                    shutil.copy2(here / name, target)
+        if (run.path / REGIONS / "manifest.json").is_file():
+            regions = CoreRegions.load(run.path / REGIONS)
+            keep = min(regions.max_p, regions.p) if regions.max_p else False
+            regions.save(tmp / REGIONS, magnitudes=keep, compress=True, overwrite=True)
+    return Path(out)
+
+
 def compare(run_dirs: list[str | Path]) -> pd.DataFrame:
-    """Models × tasks scores of one or more runs (rows ``run/model``), plus the normalised average."""
+    """Models × tasks scores of one or more runs (rows ``run/model``), plus the normalised average,
+    the retention next-token accuracy and the forgetting metrics (mean forget ratio, collapse rate)."""
     frames = []
     for path in run_dirs:
         run = RunDir.open(path)
         scores = pd.read_csv(run.path / METRICS_CSV)
         table = scores[scores.task != "retention"].pivot_table(index="model", columns="task", values="score",
                                                                sort=False)
-        table["normalised_average"] = pd.Series(summarize(scores)["normalised_average"])
+        summary = summarize(scores)
+        table["normalised_average"] = pd.Series(summary["normalised_average"])
         retention = scores[(scores.task == "retention") & (scores.metric == "next_token_accuracy")]
         table["retention_acc"] = retention.set_index("model")["score"]
+        forgetting = summary.get("forgetting", {})
+        for column in ("mean_forget_ratio", "collapse_rate"):
+            table[column] = pd.Series({model: values[column] for model, values in forgetting.items()}, dtype=float)
         table.index = [f"{Path(path).name}/{m}" if len(run_dirs) > 1 else m for m in table.index]
         frames.append(table)
     return pd.concat(frames)

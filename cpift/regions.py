@@ -5,6 +5,15 @@ only whole-model buffer per task), the exact k-th largest magnitude is found
 (:func:`cpift.selection.top_k`), and the core is stored as a bit-packed mask. The magnitudes are kept
 so that :meth:`CoreRegions.with_p` answers a new p without reading the checkpoints again.
 
+Saved regions come in two sizes. ``save(dir, magnitudes=True)`` keeps every |Δ| (4 bytes per
+parameter and task: ``with_p`` answers any p exactly). ``save(dir, magnitudes=q, compress=True)``
+keeps only the top q % as float16 and deflates masks and magnitudes: about 4 MB per task at q = 1
+for a 135M model instead of 17 MB of mask and 540 MB of magnitudes, enough for run directories
+that are shared or shipped. ``with_p`` then answers every p ≤ q (:attr:`CoreRegions.max_p`);
+float16 keeps 11 significant bits, so masks at p < q may differ from the float32 ones only among
+elements within 0.05 % of the threshold. A log-scale histogram of every task's |Δ| is saved
+either way (:meth:`CoreRegions.histogram`).
+
 Choices the paper leaves open (documented here and in the README):
 
 - k = floor(p·D/100) exactly, D = number of elements of the considered tensors (by default every
@@ -20,6 +29,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -33,16 +43,29 @@ from .atomic import atomic_dir
 from .checkpoint import Checkpoint, ModelLike, aligned_names, all_finite, open_checkpoint
 from .errors import CheckpointError, FormatError, ParameterError
 from .manifest import manifest_header, read_manifest
-from .masks import Layout, popcount, tensor_counts, unpack, unpack_all
+from .masks import (Layout, from_positions, load_packed, popcount, positions, save_packed, tensor_counts, unpack,
+                    unpack_all)
 from .overlap import group_jaccard, group_sizes, jaccard_matrix
-from .selection import k_for_percent, top_k
+from .selection import check_scope, k_for_percent, top_k, top_percent
 
-SCOPES = ("global", "tensor")
 FORMAT = "cpift.core_regions"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MASKS_FILE = "masks.safetensors"
+COMPRESSED_MASKS_FILE = "masks.npz"
 MAGNITUDES_FILE = "magnitudes.safetensors"
+TOP_MAGNITUDES_FILE = "top_magnitudes.npz"
+
+
+@dataclass(frozen=True)
+class TopMagnitudes:
+    """The largest |Δ| of one task only: flat layout ``indices`` (ascending) and their ``values``.
+
+    Enough to select any core of at most ``len(indices)`` elements; the rest are known to be smaller.
+    """
+
+    indices: np.ndarray
+    values: np.ndarray
 
 
 class CoreRegions:
@@ -59,9 +82,12 @@ class CoreRegions:
         scope: str,
         masks: Mapping[str, np.ndarray],
         thresholds: Mapping[str, np.ndarray],
-        magnitudes: Mapping[str, np.ndarray] | None = None,
+        magnitudes: Mapping[str, np.ndarray | TopMagnitudes] | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
+        *,
+        max_p: float | None = None,
+        histograms: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
         self.layout = layout
         self.p = float(p)
@@ -71,6 +97,12 @@ class CoreRegions:
         self._magnitudes = dict(magnitudes) if magnitudes is not None else None
         self.include = list(include) if include else None
         self.exclude = list(exclude) if exclude else None
+        self._dense = self._magnitudes is not None and all(isinstance(m, np.ndarray) for m in self._magnitudes.values())
+        if self._magnitudes is not None and not self._dense and max_p is None:
+            raise ParameterError("regions holding the top magnitudes only need max_p, the q they were kept at")
+        self.max_p: float | None = None if self._magnitudes is None else 100.0 if self._dense else float(max_p)
+        """The largest p :meth:`with_p` answers: 100 with every |Δ| kept, q with the top q %, else None."""
+        self._histograms = dict(histograms or {})
 
     # -- what a task's core is -------------------------------------------------------------
 
@@ -146,39 +178,92 @@ class CoreRegions:
 
     @property
     def has_magnitudes(self) -> bool:
-        """Whether the |Δ| magnitudes are held, so that :meth:`with_p` can answer."""
+        """Whether |Δ| magnitudes are held, so that :meth:`with_p` can answer (up to :attr:`max_p`)."""
         return self._magnitudes is not None
 
     def magnitudes(self, task: str) -> np.ndarray:
         """The task's flat |Δ| vector over :attr:`layout` (padding holds -inf; read-only view)."""
         self._check_task(task)
-        if self._magnitudes is None:
-            raise ParameterError("these regions were saved without magnitudes")
-        view = self._magnitudes[task].view()
+        flat = self._magnitudes.get(task) if self._magnitudes is not None else None
+        if not isinstance(flat, np.ndarray):
+            raise ParameterError("these regions do not hold every |Δ| (saved without magnitudes or with the top q % only)")
+        view = flat.view()
         view.flags.writeable = False
         return view
 
+    def histogram(self, task: str) -> tuple[np.ndarray, np.ndarray]:
+        """The distribution of the task's |Δ| over every element, on a log scale.
+
+        Returns ``(edges, counts)``: ``counts[i]`` elements have ``edges[i] ≤ |Δ| < edges[i+1]``.
+        ``edges[0]`` is 0 and ``edges[1:]`` step by a quarter octave (2^(1/4)), so the first bin
+        holds the unchanged elements (and any below ``edges[1]``). Computed once from the
+        magnitudes and saved with the regions, so compact saves keep it.
+        """
+        self._check_task(task)
+        if task not in self._histograms:
+            self._histograms[task] = log_histogram(self.magnitudes(task))
+        return self._histograms[task]
+
     def with_p(self, p: float) -> CoreRegions:
-        """The same tasks' cores at another p, from the kept magnitudes (no checkpoint is read)."""
-        if self._magnitudes is None:
+        """The same tasks' cores at another p, from the kept magnitudes (no checkpoint is read).
+
+        Answers any p up to :attr:`max_p`: every p when all |Δ| are held, p ≤ q when only the top
+        q % were saved.
+        """
+        if self.max_p is None:
             raise ParameterError(
                 "with_p needs the |Δ| magnitudes, which these regions do not hold "
                 "(they were saved with magnitudes=False); recompute them with core_regions"
             )
+        k_for_percent(p, 1)
+        if p > self.max_p:
+            raise ParameterError(f"p must be ≤ {self.max_p:g}: these regions keep only the top {self.max_p:g} % of |Δ|")
         masks, thresholds = _select(self._magnitudes, self.layout, p, self.scope)
-        return CoreRegions(self.layout, p, self.scope, masks, thresholds, self._magnitudes, self.include, self.exclude)
+        return CoreRegions(self.layout, p, self.scope, masks, thresholds, self._magnitudes, self.include, self.exclude,
+                           max_p=self.max_p, histograms=self._histograms)
+
+    def top_magnitudes(self, q: float) -> dict[str, TopMagnitudes]:
+        """Every task's largest |Δ|: the elements of its core at p = q, with their magnitudes."""
+        if q > (self.max_p or 0):
+            raise ParameterError(f"q must be ≤ {self.max_p or 0:g}, the largest p these regions' magnitudes answer")
+        masks = self.with_p(q)._masks if q != self.p else self._masks
+        out = {}
+        for task, words in masks.items():
+            kept = self._magnitudes[task]
+            indices = positions(words)
+            if isinstance(kept, TopMagnitudes):
+                values = kept.values[np.searchsorted(kept.indices, indices)]
+            else:
+                values = kept[indices]
+            out[task] = TopMagnitudes(indices, values)
+        return out
 
     # -- persistence -----------------------------------------------------------------------
 
-    def save(self, directory: str | Path, *, magnitudes: bool = False, overwrite: bool = False) -> Path:
+    def save(
+        self, directory: str | Path, *, magnitudes: bool | float = False, compress: bool = False,
+        overwrite: bool = False,
+    ) -> Path:
         """Write the regions to ``directory`` atomically (a temporary directory, then a rename).
 
         Masks are bit-packed in ``masks.safetensors`` (one ``uint8`` tensor per task; p, scope and
-        the layout in its metadata) beside a JSON ``manifest.json``. With ``magnitudes=True`` the
-        |Δ| vectors are saved too (4 bytes per parameter and task), so that a loaded copy can
-        answer :meth:`with_p`.
+        the layout in its metadata) beside a JSON ``manifest.json`` that also holds each task's
+        |Δ| histogram when magnitudes are known. ``compress=True`` deflates the masks into
+        ``masks.npz`` instead. ``magnitudes=True`` saves every |Δ| (4 bytes per parameter and
+        task), so that a loaded copy answers :meth:`with_p` for any p; ``magnitudes=q`` (a
+        percentage) saves the top q % only, as float16 in ``top_magnitudes.npz``, so that it
+        answers p ≤ q.
         """
         directory = Path(directory)
+        keep_all = magnitudes is True
+        keep_top = not isinstance(magnitudes, bool)
+        if (keep_all or keep_top) and not self.has_magnitudes:
+            raise ParameterError("these regions hold no magnitudes to save")
+        if keep_all and not self._dense:
+            raise ParameterError(f"these regions keep the top {self.max_p:g} % of |Δ| only: save magnitudes=q, q ≤ {self.max_p:g}")
+        top = self.top_magnitudes(float(magnitudes)) if keep_top else None
+        histograms = {t: self.histogram(t) for t in self.tasks} if self.has_magnitudes else self._histograms
+        masks_file = COMPRESSED_MASKS_FILE if compress else MASKS_FILE
         manifest = {
             **manifest_header(FORMAT, FORMAT_VERSION),
             "p": self.p,
@@ -189,15 +274,19 @@ class CoreRegions:
             "numel": self.layout.numel,
             "sizes": {t: self.size(t) for t in self.tasks},
             "thresholds": {t: self._thresholds[t].tolist() for t in self.tasks},
-            "magnitudes": MAGNITUDES_FILE if magnitudes and self.has_magnitudes else None,
+            "masks": masks_file,
+            "magnitudes": MAGNITUDES_FILE if keep_all else TOP_MAGNITUDES_FILE if keep_top else None,
+            "max_p": 100.0 if keep_all else float(magnitudes) if keep_top else None,
+            "histograms": {t: {"edges": e.tolist(), "counts": c.tolist()} for t, (e, c) in histograms.items()},
             "layout": self.layout.to_json(),
         }
-        metadata = {"format": FORMAT, "version": str(FORMAT_VERSION), "p": repr(self.p), "scope": self.scope,
-                    "layout": json.dumps(self.layout.to_json())}
+        metadata = {"format": FORMAT, "version": str(FORMAT_VERSION), "p": repr(self.p), "scope": self.scope}
         with atomic_dir(directory, overwrite=overwrite) as tmp:
-            save_file({t: w.view(np.uint8) for t, w in self._masks.items()}, tmp / MASKS_FILE, metadata=metadata)
-            if manifest["magnitudes"]:
+            save_packed(tmp / masks_file, self._masks, self.layout, metadata)
+            if keep_all:
                 save_file(self._magnitudes, tmp / MAGNITUDES_FILE, metadata={"format": FORMAT})
+            if top is not None:
+                np.savez_compressed(tmp / TOP_MAGNITUDES_FILE, **_encode_top(top, self.layout))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         return directory
 
@@ -207,34 +296,103 @@ class CoreRegions:
         directory = Path(directory)
         manifest = read_manifest(directory / MANIFEST, FORMAT, FORMAT_VERSION, "core-regions")
         layout = Layout.from_json(manifest["layout"])
-        masks = _load_arrays(directory / MASKS_FILE, manifest["tasks"])
+        path = directory / manifest["masks"]
+        mask_layout, masks, _ = load_packed(path)
+        if mask_layout != layout:
+            raise FormatError(f"{path}: the masks' layout differs from the manifest's")
         for task in manifest["tasks"]:
-            words = masks[task]
-            if words.size != layout.n_words * 8:
-                raise FormatError(f"{directory / MASKS_FILE}: mask of task {task!r} has the wrong length")
-            masks[task] = words.view(np.uint64)
+            if task not in masks:
+                raise FormatError(f"{path}: no mask for task {task!r}")
             if popcount(masks[task]) != manifest["sizes"][task]:
-                raise FormatError(f"{directory / MASKS_FILE}: mask of task {task!r} does not match the manifest")
+                raise FormatError(f"{path}: mask of task {task!r} does not match the manifest")
+        masks = {task: masks[task] for task in manifest["tasks"]}  # the manifest keeps the task order
         magnitudes = None
-        if manifest.get("magnitudes"):
-            magnitudes = _load_arrays(directory / manifest["magnitudes"], manifest["tasks"])
+        if manifest["magnitudes"] == MAGNITUDES_FILE:
+            magnitudes = _load_arrays(directory / MAGNITUDES_FILE, manifest["tasks"])
+        elif manifest["magnitudes"] == TOP_MAGNITUDES_FILE:
+            magnitudes = _decode_top(directory / TOP_MAGNITUDES_FILE, manifest["tasks"], layout)
         thresholds = {t: np.asarray(v, dtype=np.float64) for t, v in manifest["thresholds"].items()}
+        histograms = {t: (np.asarray(h["edges"]), np.asarray(h["counts"], dtype=np.int64))
+                      for t, h in manifest["histograms"].items()}
         return cls(layout, manifest["p"], manifest["scope"], masks, thresholds, magnitudes,
-                   manifest.get("include"), manifest.get("exclude"))
+                   manifest.get("include"), manifest.get("exclude"),
+                   max_p=manifest["max_p"], histograms=histograms)
 
     def __repr__(self) -> str:
         return f"CoreRegions(tasks={self.tasks}, p={self.p}, scope={self.scope!r}, numel={self.layout.numel})"
 
 
-def _load_arrays(path: Path, tasks: Sequence[str]) -> dict[str, np.ndarray]:
+def _load_arrays(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of a safetensors or ``.npz`` file; a damaged file gives a FormatError."""
     try:
-        arrays = load_file(path)
-    except Exception as exc:  # safetensors raises its own error types for truncated files
+        if path.suffix == ".npz":
+            with np.load(path) as archive:
+                arrays = {k: archive[k] for k in keys if k in archive}
+        else:
+            arrays = load_file(path)
+    except Exception as exc:  # safetensors and zipfile raise their own error types for damaged files
         raise FormatError(f"{path}: truncated or corrupt ({exc})") from exc
-    missing = [t for t in tasks if t not in arrays]
+    missing = [k for k in keys if k not in arrays]
     if missing:
-        raise FormatError(f"{path}: no data for task {missing[0]!r}")
-    return {t: arrays[t] for t in tasks}
+        raise FormatError(f"{path}: no data for {missing[0]!r}")
+    return {k: arrays[k] for k in keys}
+
+
+def _encode_top(top: Mapping[str, TopMagnitudes], layout: Layout) -> dict[str, np.ndarray]:
+    """Arrays for ``top_magnitudes.npz``: per task the indices as a packed mask, values as float16.
+
+    Values are divided by the task's largest |Δ| first, so float16 keeps its full precision
+    whatever the scale of the updates.
+    """
+    arrays = {}
+    for task, kept in top.items():
+        scale = np.float32(kept.values.max()) if kept.values.size and kept.values.max() > 0 else np.float32(1)
+        arrays[f"{task}/indices"] = from_positions(kept.indices, layout.n_words).view(np.uint8)
+        arrays[f"{task}/values"] = (kept.values / scale).astype(np.float16)
+        arrays[f"{task}/scale"] = np.array(scale)
+    return arrays
+
+
+def _decode_top(path: Path, tasks: Sequence[str], layout: Layout) -> dict[str, TopMagnitudes]:
+    keys = [f"{t}/{part}" for t in tasks for part in ("indices", "values", "scale")]
+    arrays = _load_arrays(path, keys)
+    out = {}
+    for task in tasks:
+        words = arrays[f"{task}/indices"]
+        if words.size != layout.n_words * 8:
+            raise FormatError(f"{path}: magnitudes of task {task!r} have the wrong length")
+        indices = positions(words.view(np.uint64))
+        values = arrays[f"{task}/values"].astype(np.float32) * arrays[f"{task}/scale"]
+        if values.size != indices.size:
+            raise FormatError(f"{path}: magnitudes of task {task!r} do not match their indices")
+        out[task] = TopMagnitudes(indices, values)
+    return out
+
+
+def log_histogram(magnitudes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Counts of ``magnitudes`` (float32, ≥ 0; -inf padding ignored) in quarter-octave bins from 0.
+
+    The bin of a float32 is read from its bit pattern (exponent and two leading mantissa bits), so
+    one ``bincount`` over the integers does the whole model without a logarithm. Returns ``(edges,
+    counts)`` with ``edges[0] = 0`` (see :meth:`CoreRegions.histogram`); empty bins at both ends
+    are dropped.
+    """
+    bits = magnitudes.view(np.int32)
+    counts = np.zeros(1024, dtype=np.int64)
+    for start in range(0, bits.size, 1 << 24):
+        chunk = bits[start : start + (1 << 24)]
+        counts += np.bincount(chunk[chunk >= 0] >> 21, minlength=1024)[:1024]
+    # Bin b covers [2^(b//4 - 127) · (1 + (b%4)/4), the next one); b < 4 holds zero and subnormals.
+    bins = np.arange(1025)  # one more than the bins: the upper edge of the last
+    lower = np.ldexp(1 + (bins % 4) / 4, bins // 4 - 127)
+    lower[:4] = 0.0
+    zero = int(counts[:4].sum())
+    occupied = np.flatnonzero(counts[4:]) + 4
+    if occupied.size == 0:
+        return np.array([0.0, np.ldexp(1.0, -126)]), np.array([zero])
+    first, last = occupied[0], occupied[-1]
+    edges = np.concatenate([[0.0], lower[first : last + 2]])
+    return edges, np.concatenate([[zero], counts[first : last + 1]])
 
 
 def _matches(name: str, patterns: Sequence[str] | None) -> bool:
@@ -253,28 +411,40 @@ def select_names(checkpoint: Checkpoint, include: Sequence[str] | None, exclude:
 
 
 def _select(
-    magnitudes: Mapping[str, np.ndarray], layout: Layout, p: float, scope: str
+    magnitudes: Mapping[str, np.ndarray | TopMagnitudes], layout: Layout, p: float, scope: str
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Packed masks and thresholds of every task at p (tasks in parallel threads: numpy releases the GIL)."""
     k_for_percent(p, layout.numel)  # validates p before any work
-
-    def one(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if scope == "global":
-            selection = top_k(flat, k_for_percent(p, layout.numel))
-            return selection.words, np.array([selection.threshold])
-        words = np.empty(layout.n_words, dtype=np.uint64)
-        thresholds = np.empty(len(layout.names))
-        for i, name in enumerate(layout.names):
-            span = layout.word_span(name)
-            selection = top_k(flat[span.start * 64 : span.stop * 64], k_for_percent(p, int(layout.numels[i])))
-            words[span] = selection.words
-            thresholds[i] = selection.threshold
-        return words, thresholds
-
     tasks = list(magnitudes)
+
+    def one(kept: np.ndarray | TopMagnitudes) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(kept, TopMagnitudes):
+            return _select_top(kept, layout, p, scope)
+        return top_percent(kept, layout, p, scope)
+
     with ThreadPoolExecutor(max_workers=min(len(tasks), 4)) as pool:
-        results = list(pool.map(one, (magnitudes[t] for t in tasks)))
+        results = list(pool.map(lambda t: one(magnitudes[t]), tasks))
     return {t: r[0] for t, r in zip(tasks, results)}, {t: r[1] for t, r in zip(tasks, results)}
+
+
+def _select_top(kept: TopMagnitudes, layout: Layout, p: float, scope: str) -> tuple[np.ndarray, np.ndarray]:
+    """The core at p among the kept largest magnitudes: the same top-k rule on far fewer elements.
+
+    The kept indices are ascending, so the lowest-index tie rule carries over unchanged.
+    """
+    groups = [(0, layout.numel)] if scope == "global" else [
+        (int(np.searchsorted(kept.indices, layout.starts[i])), int(layout.numels[i])) for i in range(len(layout.names))
+    ]
+    ends = [start for start, _ in groups[1:]] + [kept.indices.size]
+    chosen, thresholds = [], []
+    for (start, numel), end in zip(groups, ends):
+        values = kept.values[start:end]
+        padded = np.full(-(-values.size // 64) * 64, -np.inf, dtype=np.float32)
+        padded[: values.size] = values
+        selection = top_k(padded, k_for_percent(p, numel))
+        chosen.append(kept.indices[start:end][positions(selection.words)])
+        thresholds.append(selection.threshold)
+    return from_positions(np.concatenate(chosen), layout.n_words), np.array(thresholds)
 
 
 def update_magnitudes(
@@ -347,8 +517,7 @@ def core_regions(
         CheckpointError: a missing, corrupt or non-finite checkpoint.
     """
     k_for_percent(p, 1)
-    if scope not in SCOPES:
-        raise ParameterError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
+    check_scope(scope)
     options = {"include": include, "exclude": exclude, "allow_pickle": allow_pickle, "progress": progress}
     if keep_magnitudes:
         layout, magnitudes = update_magnitudes(base, tuned, **options)

@@ -21,6 +21,10 @@ Layout (paths relative to the run directory; constants of this module in bracket
     fusion/                    [FUSION]       the fused model (a model dir) and its report
     methods/<method>/final/    [METHODS]      each method's final model (a model dir); beside it
                                               methods/<method>/eval.json, its scores
+    methods/<m>/masks.npz                     gallop / saft / pafi: the selected elements per density
+    methods/<m>/density-<d>/final/            (bit-packed, key density-<d>) and each density's model
+    methods/epi/masks/step-<n>.npz            EPI: each refreshed protected set (bit-packed), and
+    methods/epi/drift.json                    the Jaccard between consecutive ones (cpift.methods.epi)
     checkpoints/<job>/step-<n>/ [CHECKPOINTS] resumable training state of one training job
                                               (a probe, a method or one stage of it)
     metrics.json               [METRICS_JSON] every score of the run, machine-readable

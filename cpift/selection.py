@@ -19,7 +19,10 @@ from math import sqrt
 import numpy as np
 
 from .errors import ParameterError
-from .masks import WORD_BITS, pack
+from .masks import WORD_BITS, Layout, pack
+
+SCOPES = ("global", "tensor")
+"""Where a top-p% is taken: over the whole model (``global``) or inside each tensor (``tensor``)."""
 
 _SAMPLE_SIZE = 1 << 20
 # Passes over the scores run chunk by chunk, so that temporaries stay small (16 MiB of floats)
@@ -97,3 +100,32 @@ def top_k(scores: np.ndarray, k: int) -> Selection:
             ties_left -= ties.size
         words[part.start // WORD_BITS : part.stop // WORD_BITS] = pack(bits)
     return Selection(words, t, k)
+
+
+def check_scope(scope: str) -> None:
+    """Raise :class:`ParameterError` unless ``scope`` is one of :data:`SCOPES`."""
+    if scope not in SCOPES:
+        raise ParameterError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
+
+
+def top_percent(scores: np.ndarray, layout: Layout, p: float, scope: str = "global") -> tuple[np.ndarray, np.ndarray]:
+    """The top p% of a flat score vector over ``layout``, as a packed mask, and the threshold(s).
+
+    ``scope="global"``: exactly floor(p·D/100) elements of the whole vector (D = ``layout.numel``),
+    one threshold. ``scope="tensor"``: floor(p·n/100) inside each tensor of n elements, one
+    threshold per tensor (layout order). Padding must hold ``-inf``; ties go to the lowest flat index.
+    """
+    check_scope(scope)
+    if scope == "global":
+        selection = top_k(scores, k_for_percent(p, layout.numel))
+        return selection.words, np.array([selection.threshold])
+    k_for_percent(p, 1)  # validates p even for a layout without tensors
+    words = np.empty(layout.n_words, dtype=np.uint64)
+    thresholds = np.empty(len(layout.names))
+    for i, name in enumerate(layout.names):
+        span = layout.word_span(name)
+        selection = top_k(scores[span.start * WORD_BITS : span.stop * WORD_BITS],
+                          k_for_percent(p, int(layout.numels[i])))
+        words[span] = selection.words
+        thresholds[i] = selection.threshold
+    return words, thresholds

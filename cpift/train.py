@@ -47,6 +47,7 @@ Checkpoints. With ``checkpoint_dir``, every ``checkpoint_every`` steps and at th
 * ``optimizer.pt``, ``scheduler.pt`` — the AdamW and LR-scheduler state dicts;
 * ``rng.pt`` — torch CPU (and CUDA) generator states, Python's ``random`` and numpy's global
   state (the data order does not use them; dropout does);
+* ``hook.pt`` — with a :class:`TrainHook` only: its state (EPI's importance and current mask);
 * ``trainer_state.json`` — written last: step, losses so far, tokens seen, the config and a
   fingerprint of the tokenized data and of the frozen set.
 
@@ -102,8 +103,10 @@ if TYPE_CHECKING:
 __all__ = [
     "IGNORE_INDEX",
     "TrainConfig",
+    "TrainHook",
     "TrainResult",
     "collate",
+    "estimate_gradients",
     "latest_checkpoint",
     "list_checkpoints",
     "resolve_device",
@@ -125,6 +128,7 @@ _MODEL_FILE = "model.safetensors"
 _OPTIMIZER_FILE = "optimizer.pt"
 _SCHEDULER_FILE = "scheduler.pt"
 _RNG_FILE = "rng.pt"
+_HOOK_FILE = "hook.pt"  # only with a TrainHook
 _STATE_FILE = "trainer_state.json"  # written last
 _CKPT_FILES = (_MODEL_FILE, _OPTIMIZER_FILE, _SCHEDULER_FILE, _RNG_FILE, _STATE_FILE)
 _FORMAT = 1
@@ -316,6 +320,48 @@ def collate(batch: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[s
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def _tokenized(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int,
+               stage: str) -> tuple[list[dict[str, list[int]]], int]:
+    """The examples tokenized (:func:`tokenize_chat`), those without an assistant token within
+    ``max_length`` dropped; returns ``(data, number dropped)``. Raises if none is left."""
+    data, skipped = [], 0
+    for example in examples:
+        item = tokenize_chat(tokenizer, example, max_length)
+        if any(label != IGNORE_INDEX for label in item["labels"][1:]):
+            data.append(item)
+        else:
+            skipped += 1
+    if skipped:
+        _log.warning("stage %r: %d of %d examples have no assistant tokens within max_length=%d; "
+                     "skipped", stage, skipped, len(examples), max_length)
+    if not data:
+        raise ParameterError(
+            f"stage {stage!r}: none of the {len(examples)} training examples has an assistant "
+            f"reply within max_length={max_length} tokens: no training examples"
+        )
+    return data, skipped
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    pad_id = tokenizer.pad_token_id
+    return pad_id if pad_id is not None else _end_token(tokenizer)[0] or 0
+
+
+def _n_targets(batch: Mapping[str, torch.Tensor]) -> int:
+    """Number of tokens that carry loss in a collated batch (labels are shifted by one)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _loss_sum(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy summed over the assistant tokens of a batch on the model's device."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+
+
 @functools.lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(np.random.default_rng([seed, epoch]).permutation(n).tolist())
@@ -457,6 +503,42 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class TrainHook:
+    """Extension points of :func:`train` for methods whose frozen set changes while training (EPI).
+
+    Subclass and override what you need; the defaults do nothing. :func:`train` calls, per
+    optimizer step ``step`` (1-based, counted within the call):
+
+    * :meth:`after_backward` once the step's gradients are complete (all micro-batches, before
+      clipping and before frozen elements' gradients are zeroed);
+    * :meth:`after_step` after the update; a mapping it returns becomes the frozen set from the
+      next step on (``{}`` unfreezes all, ``None`` keeps the current one).
+
+    For exact resume, :meth:`state_dict` is saved in each checkpoint (``hook.pt``, loadable with
+    ``torch.load(weights_only=True)``); on resume :meth:`load_state_dict` restores it and
+    :meth:`frozen` gives the frozen set that was in force at the checkpoint. With several
+    processes every process calls the hook.
+    """
+
+    def after_backward(self, model: torch.nn.Module, step: int) -> None:
+        """Called with the gradients of step ``step`` in ``model``'s parameters' ``.grad``."""
+
+    def after_step(self, step: int) -> Mapping[str, torch.Tensor] | None:
+        """Called after step ``step``'s update; may return the frozen set for the following steps."""
+        return None
+
+    def frozen(self) -> Mapping[str, torch.Tensor] | None:
+        """The frozen set in force (read after :meth:`load_state_dict` on resume)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The hook's state, saved with each checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (on resume)."""
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
@@ -570,12 +652,14 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, trainer_state: dict[str, Any]) -> None:
+                     scheduler: Any, trainer_state: dict[str, Any], hook_state: dict[str, Any] | None) -> None:
     with atomic_dir(path, overwrite=True) as tmp:
         _save_model_weights(model, tmp / _MODEL_FILE)
         torch.save(optimizer.state_dict(), tmp / _OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), tmp / _SCHEDULER_FILE)
         torch.save(_rng_state(), tmp / _RNG_FILE)
+        if hook_state is not None:
+            torch.save(hook_state, tmp / _HOOK_FILE)
         (tmp / _STATE_FILE).write_text(json.dumps(trainer_state, indent=1) + "\n", encoding="utf-8")
 
 
@@ -680,6 +764,7 @@ def train(
     resume: bool = False,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     progress: bool | None = None,
+    hook: TrainHook | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on the assistant replies of ``examples``.
 
@@ -704,6 +789,8 @@ def train(
         on_event: called with a dict after each optimizer step and checkpoint (see the module
             docstring); an exception it raises stops training (checkpoints already written stay).
         progress: show a tqdm bar: True, False, or None for "only on a terminal".
+        hook: a :class:`TrainHook` that sees each step's gradients and may change the frozen
+            set between steps (EPI); its state is checkpointed and restored on resume.
 
     Returns:
         A :class:`TrainResult`.
@@ -731,25 +818,10 @@ def train(
         raise ParameterError("resume=True needs a checkpoint_dir to resume from")
 
     # ---- data
-    data, skipped = [], 0
-    for example in examples:
-        item = tokenize_chat(tokenizer, example, config.max_length)
-        if any(label != IGNORE_INDEX for label in item["labels"][1:]):
-            data.append(item)
-        else:
-            skipped += 1
-    if skipped:
-        _log.warning("stage %r: %d of %d examples have no assistant tokens within max_length=%d; "
-                     "skipped", stage, skipped, len(examples), config.max_length)
-    if not data:
-        raise ParameterError(
-            f"stage {stage!r}: none of the {len(examples)} training examples has an assistant "
-            f"reply within max_length={config.max_length} tokens: no training examples"
-        )
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = _end_token(tokenizer)[0] or 0
-    fingerprint = {"data": _data_fingerprint(data), "frozen": _frozen_fingerprint(frozen)}
+    data, skipped = _tokenized(tokenizer, examples, config.max_length, stage)
+    pad_id = _pad_id(tokenizer)
+    fingerprint = {"data": _data_fingerprint(data), "frozen": _frozen_fingerprint(frozen),
+                   "hook": type(hook).__qualname__ if hook is not None else None}
 
     # ---- checkpoint to resume
     resume_from: Path | None = None
@@ -777,13 +849,15 @@ def train(
     main = accelerator.is_main_process
     model = accelerator.prepare(model)
     raw_model = accelerator.unwrap_model(model)
-    if frozen:
-        trainable = {n for n, p in raw_model.named_parameters() if p.requires_grad}
-        known = dict(raw_model.named_parameters())
+    trainable = {n for n, p in raw_model.named_parameters() if p.requires_grad}
+    known = dict(raw_model.named_parameters())
+
+    def trainable_only(masks: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         # Masks of parameters that do not train at all are moot; unknown names still fail.
-        frozen = {n: m for n, m in frozen.items() if n not in known or n in trainable}
+        return {n: m for n, m in (masks or {}).items() if n not in known or n in trainable}
+
     optimizer = torch.optim.AdamW(_param_groups(raw_model, config.weight_decay), lr=config.lr)
-    masked = MaskedOptimizer(optimizer, raw_model, frozen)
+    masked = MaskedOptimizer(optimizer, raw_model, trainable_only(frozen))
     scheduler = get_cosine_schedule_with_warmup(masked.optimizer, config.warmup_steps, config.steps)
 
     step, losses, tokens_before = 0, [], 0
@@ -793,6 +867,9 @@ def train(
         _set_rng_state(_load_torch(resume_from / _RNG_FILE))
         step, losses = int(saved["step"]), [float(x) for x in saved["losses"]]
         tokens_before = int(saved["tokens_seen"])
+        if hook is not None:
+            hook.load_state_dict(_load_torch(resume_from / _HOOK_FILE))
+            masked.set_frozen(trainable_only(hook.frozen()))
         _log.info("stage %r: resuming from %s (step %d of %d)", stage, resume_from, step, config.steps)
         if main and on_event is not None:
             on_event({"event": "resume", "stage": stage, "step": step, "path": str(resume_from)})
@@ -821,7 +898,8 @@ def train(
                 "losses": losses, "tokens_seen": tokens_before + tokens_run,
                 "examples_skipped": skipped, "config": dataclasses.asdict(config), **fingerprint,
             }
-            _save_checkpoint(path, raw_model, optimizer, scheduler, state)
+            _save_checkpoint(path, raw_model, optimizer, scheduler, state,
+                             hook.state_dict() if hook is not None else None)
             _prune_checkpoints(ckpt_root, KEEP_CHECKPOINTS)  # type: ignore[arg-type]
             if on_event is not None:
                 on_event({"event": "checkpoint", "stage": stage, "step": at, "path": str(path)})
@@ -837,7 +915,7 @@ def train(
                 first = ((step * config.grad_accum + micro) * world + rank) * config.batch_size
                 indices = _stream_indices(len(data), config.seed, first, config.batch_size)
                 batches.append(collate([data[i] for i in indices], pad_id))
-            n_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+            n_targets = sum(_n_targets(b) for b in batches)
 
             loss_sum = torch.zeros((), device=accelerator.device)
             n_tokens = 0
@@ -845,13 +923,7 @@ def train(
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 sync = micro == len(batches) - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    logits = model(input_ids=batch["input_ids"],
-                                   attention_mask=batch["attention_mask"], use_cache=False).logits
-                    micro_sum = F.cross_entropy(
-                        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-                        batch["labels"][:, 1:].reshape(-1),
-                        ignore_index=IGNORE_INDEX, reduction="sum",
-                    )
+                    micro_sum = _loss_sum(model, batch)
                     accelerator.backward(micro_sum / n_targets)
                 loss_sum += micro_sum.detach()
                 n_tokens += int(batch["attention_mask"].sum())
@@ -866,6 +938,8 @@ def train(
                     f"stage {stage!r}: the loss is {loss} at step {step + 1} of {config.steps}; "
                     "training stopped (lower the learning rate, or check the model's weights)"
                 )
+            if hook is not None:
+                hook.after_backward(raw_model, step + 1)
             grad_norm = None
             if config.max_grad_norm is not None:
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm))
@@ -880,6 +954,8 @@ def train(
             masked.zero_grad(set_to_none=True)
             step += 1
             losses.append(loss)
+            if hook is not None and (changed := hook.after_step(step)) is not None:
+                masked.set_frozen(trainable_only(changed))
 
             elapsed = time.perf_counter() - started
             tokens_per_s = tokens_run / elapsed if elapsed > 0 else 0.0
@@ -921,3 +997,67 @@ def train(
         extra={"device": device, "mixed_precision": accelerator.mixed_precision,
                "examples_used": len(data), "examples_per_step": per_step},
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient estimate (sparse fine-tuning's selection)
+# --------------------------------------------------------------------------------------------
+
+
+def estimate_gradients(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    *,
+    stage: str = "gradients",
+    progress: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """The gradient of the training loss averaged over ``examples``, accumulated batch by batch.
+
+    The loss is :func:`train`'s: cross-entropy on the assistant tokens only, every token weighted
+    the same. The examples are tokenized as :func:`train` does them (``config.max_length``; those
+    without an answer token are skipped), cut in order into batches of ``config.batch_size``, and
+    each batch's summed loss is back-propagated divided by the total number of answer tokens, so
+    the gradients accumulate in one ``.grad`` buffer per parameter and the result is the gradient
+    of the mean token loss over all ``examples`` — the same whatever the batch size (which only
+    bounds memory). The model runs in eval mode (no dropout) on ``config.device`` (bf16 autocast
+    on CUDA, as in training) and is left there, in eval mode, its ``.grad`` cleared.
+
+    Returns:
+        Parameter name (as ``model.named_parameters()`` lists it; tied weights once) → float32
+        CPU gradient, for every parameter that requires a gradient.
+
+    Raises:
+        ParameterError: no usable example, a config field out of range.
+        CpiftError: the loss is not finite (names the stage and batch).
+    """
+    config.validate()
+    data, _ = _tokenized(tokenizer, examples, config.max_length, stage)
+    pad_id = _pad_id(tokenizer)
+    batches = [collate(data[i : i + config.batch_size], pad_id) for i in range(0, len(data), config.batch_size)]
+    n_targets = sum(_n_targets(b) for b in batches)
+    accelerator = _make_accelerator(resolve_device(config.device))
+    prepared = accelerator.prepare(model)
+    raw_model = accelerator.unwrap_model(prepared)
+    raw_model.zero_grad(set_to_none=True)
+    raw_model.eval()
+    from tqdm.auto import tqdm
+
+    try:
+        for i, batch in enumerate(tqdm(batches, desc=stage, unit="batch",
+                                       disable=None if progress is None else not progress)):
+            loss_sum = _loss_sum(prepared, {k: v.to(accelerator.device) for k, v in batch.items()})
+            if not torch.isfinite(loss_sum):
+                raise CpiftError(f"stage {stage!r}: the loss is {float(loss_sum)} on batch {i + 1} of {len(batches)}")
+            accelerator.backward(loss_sum / n_targets)
+        grads = {}
+        for name, param in raw_model.named_parameters():
+            if param.requires_grad:
+                grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                grads[name] = grad.detach().float().cpu()
+                param.grad = None
+    finally:
+        raw_model.zero_grad(set_to_none=True)
+        accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
+    return grads

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Tests never reach for a model hub: set before huggingface_hub is first imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,3 +36,12 @@ def tiny_base() -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def tiny_tasks(tiny_base: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     return {task: perturbed(tiny_base, seed) for seed, task in enumerate(("math", "code", "logic"), start=1)}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    """A finished run of ``configs/tiny.toml`` (every method, probes kept), built once per session."""
+    from cpift.pipeline import run_config  # only sessions that use the run import the whole pipeline
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
+    return run_config(config, tmp_path_factory.mktemp("tiny_run") / "run", progress=False)

@@ -46,7 +46,7 @@ def with_value(data: dict, key: str, value: Any) -> dict:
 # -- presets and round trips ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["tiny", "quick", "paper"])
+@pytest.mark.parametrize("name", sorted(path.stem for path in CONFIGS.glob("*.toml")))
 def test_presets_parse_and_round_trip(name: str, tmp_path: Path) -> None:
     config = load_config(CONFIGS / f"{name}.toml")
     assert isinstance(config, Config) and config.run.name == name
@@ -69,6 +69,11 @@ def test_preset_contents() -> None:
     total = (n * quick.probe.steps + 3 * quick.train.steps
              + 2 * len(quick.sequential.methods) * quick.train.steps)
     assert 80 <= total <= 110  # about 100 optimizer steps ≈ 8 s each on 2 CPU cores
+    every = load_config(CONFIGS / "all_methods.toml")
+    assert set(every.run.methods) == set(METHODS) - {"sequential"}
+    assert every.cpift.samples_per_task == every.data.n_train  # consolidation sees the same mixture
+    total = len(every.run.methods) * every.train.steps + len(every.data.tasks) * every.probe.steps
+    assert 70 <= total <= 90  # about 80 optimizer steps ≈ 8 s each on 2 CPU cores (see its header)
     paper = load_config(CONFIGS / "paper.toml")
     assert paper.model.name == "meta-llama/Llama-2-7b-hf" and paper.model.dtype == "bfloat16"
     assert (paper.cpift.p, paper.cpift.tau, paper.run.device) == (1.0, 0.1, "cuda")
@@ -120,6 +125,7 @@ def test_derived_defaults_follow_other_keys() -> None:
             "train": {"lr": 3e-4}}
     config = parse_config(data)
     assert config.probe.lr == 3e-4 and config.cpift.samples_per_task == 10 and config.multistage.k == 1
+    assert config.lora.lr == pytest.approx(3e-3) and config.lora.target_modules[0] == "q_proj"
     assert config.sequential.first == "math" and config.sequential.second is None
     assert "second" not in config.to_dict()["sequential"]
     assert parse_config(config.to_dict()) == config
@@ -153,7 +159,7 @@ CASES: list[tuple[str, Any, str, str]] = [
     # (key to set, value, key path the error names, fragment of its message)
     ("trian", {"lr": 1.0}, "trian", "did you mean 'train'?"),
     ("train.lrr", 0.1, "train.lrr", "did you mean 'lr'?"),
-    ("train.p", 1.0, "train.p", "did you mean cpift.p?"),
+    ("train.p", 1.0, "train.p", "did you mean cpift.p or epi.p?"),
     ("name", "x", "name", "run.name or model.name"),
     ("train.zzz", 1, "train.zzz", "valid keys are lr, weight_decay"),
     ("train", 3, "train", "expected a table"),
@@ -190,7 +196,7 @@ CASES: list[tuple[str, Any, str, str]] = [
     ("run.name", "my run/1", "run.name", "may hold only letters"),
     ("run.seed", -1, "run.seed", "must be >= 0"),
     ("run.seed", 2**32, "run.seed", "must be < 4294967296"),
-    ("run.methods", ["cpift", "lora"], "run.methods[1]", "'lora' is not one of cpift, multitask"),
+    ("run.methods", ["cpift", "qlora"], "run.methods[1]", "'qlora' is not one of cpift, multitask"),
     ("run.methods", [], "run.methods", "must not be empty"),
     ("run.methods", ["cpift", "cpift"], "run.methods", "'cpift' is listed twice"),
     ("run.methods", "cpift", "run.methods", "expected a list of strings"),
@@ -235,6 +241,13 @@ CASES: list[tuple[str, Any, str, str]] = [
     ("sequential.first", "mth", "sequential.first", "did you mean 'math'?"),
     ("sequential.second", "math", "sequential.second", "must differ from sequential.first"),
     ("sequential.methods", ["sequential"], "sequential.methods[0]", "is not one of multitask, multistage, cpift"),
+    ("lora.rank", 0, "lora.rank", "must be >= 1"),
+    ("lora.alpha", 0, "lora.alpha", "must be > 0"),
+    ("lora.dropout", 1.0, "lora.dropout", "must be < 1"),
+    ("lora.target_modules", [], "lora.target_modules", "must not be empty"),
+    ("lora.target_modules", ["q_proj", "q_proj"], "lora.target_modules", "'q_proj' is listed twice"),
+    ("lora.lr", -1e-3, "lora.lr", "must be > 0"),
+    ("lora.ranks", 8, "lora.ranks", "unknown key; did you mean 'rank'?"),
     ("eval.retention", "yes", "eval.retention", "expected true or false"),
     ("eval.max_new_tokens", 0, "eval.max_new_tokens", "must be >= 1"),
     ("eval.batch_size", 0, "eval.batch_size", "must be >= 1"),

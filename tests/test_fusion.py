@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from cpift.checkpoint import open_checkpoint
 from cpift.errors import MismatchError, ParameterError
-from cpift.fusion import fuse, slerp
-from cpift.regions import core_regions
+from cpift.fusion import fuse, slerp, transplant_report
+from cpift.overlap import layer_of
+from cpift.regions import CoreRegions, core_regions
 
 HYPOTHESIS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                       suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -465,3 +466,45 @@ def test_report_is_the_same_with_and_without_tensors(tiny_base, tiny_tasks, regi
     light = fuse(tiny_base, tiny_tasks, regions3, keep_tensors=False)
     assert len(light) == 0 and len(full) == len(full.report)
     assert full.report.equals(light.report)
+
+
+# ---------------------------------------------------------------------------------------------
+# transplant_report: the report's counts from the regions alone
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlap", ["max_delta", "last", "mean"])
+def test_transplant_report_equals_fuse_report(tiny_base, tiny_tasks, regions3, overlap):
+    report = fuse(tiny_base, tiny_tasks, regions3, omega=0.3, overlap=overlap, keep_tensors=False).report
+    expected = report.set_index("tensor").loc[list(regions3.layout.names)]
+    columns = ["numel", "contested", *(f"from:{t}" for t in regions3.tasks)]
+    preview = transplant_report(regions3, overlap).set_index("group")
+    assert preview.index.tolist() == list(regions3.layout.names)
+    assert (preview[columns].to_numpy() == expected[columns].to_numpy().astype(np.int64)).all()
+    assert preview["contested"].sum() > 0
+
+
+def test_transplant_report_by_layer_sums_tensors(regions3):
+    per_tensor = transplant_report(regions3, "last")
+    per_layer = transplant_report(regions3, "last", by="layer")
+    labels = [layer_of(n) for n in per_tensor["group"]]
+    summed = per_tensor.drop(columns="group").groupby(labels, sort=False).sum()
+    assert set(per_layer["group"]) == set(labels)
+    assert (per_layer.set_index("group").loc[summed.index].to_numpy() == summed.to_numpy()).all()
+
+
+def test_transplant_report_needs_magnitudes_for_max_delta(tiny_base, tiny_tasks):
+    compact = core_regions(tiny_base, tiny_tasks, p=5, keep_magnitudes=False)
+    with pytest.raises(ParameterError, match="magnitudes"):
+        transplant_report(compact, "max_delta")
+    assert transplant_report(compact, "mean")["contested"].sum() > 0
+    with pytest.raises(ParameterError, match="overlap"):
+        transplant_report(compact, "first")
+
+
+def test_transplant_report_from_compact_saved_regions(regions3, tmp_path):
+    regions3.save(tmp_path / "regions", magnitudes=regions3.p, compress=True)
+    compact = CoreRegions.load(tmp_path / "regions")
+    assert compact.max_p == regions3.p
+    for overlap in ("max_delta", "last"):
+        assert transplant_report(compact, overlap).equals(transplant_report(regions3, overlap)), overlap

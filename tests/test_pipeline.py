@@ -56,6 +56,25 @@ def test_every_method_and_artifact(tiny_run: RunDir) -> None:
     assert not any(p.name.startswith(".") for p in run.path.rglob("*") if p.is_dir())  # no half-written dirs
 
 
+def test_pack_keeps_what_the_app_reads_without_weights(tiny_run: RunDir, tmp_path: Path) -> None:
+    assert main(["pack", str(tiny_run.path), "--out", str(tmp_path / "packed")]) == 0
+    packed = RunDir.open(tmp_path / "packed")
+    assert packed.status == "done" and packed.config == tiny_run.config
+    assert not list(packed.path.rglob(WEIGHTS_FILE)) and not (packed.path / "checkpoints").exists()
+    assert list(tiny_run.path.glob("methods/*/masks*")) and not list(packed.path.glob("methods/*/masks*"))
+    assert (packed.path / "methods/epi/drift.json").is_file()
+    for relpath in ["similarity.json", "groups.json", "fusion_report.csv", "metrics.json", "metrics.csv", "events.jsonl"]:
+        assert (packed.path / relpath).read_bytes() == (tiny_run.path / relpath).read_bytes()
+    regions, original = CoreRegions.load(packed.path / "regions"), CoreRegions.load(tiny_run.path / "regions")
+    p = tiny_run.config["cpift"]["p"]
+    assert regions.max_p == p and (packed.path / "regions" / "masks.npz").is_file()
+    assert all((regions.with_p(p / 2).packed(t) == original.with_p(p / 2).packed(t)).all() for t in regions.tasks)
+    with tiny_run.lock():
+        busy = subprocess.run([sys.executable, "-m", "cpift.cli", "pack", str(tiny_run.path), "--out",
+                               str(tmp_path / "again")], capture_output=True, text=True)
+    assert busy.returncode == 2 and "locked" in busy.stderr and not (tmp_path / "again").exists()
+
+
 def test_stage_checkpoints_are_removed_once_a_method_is_saved(tmp_path: Path) -> None:
     run = run_config(load_config(TINY, ['run.methods=["multitask"]']), tmp_path / "lean", progress=False)
     assert (run.path / "methods/multitask/final" / WEIGHTS_FILE).is_file()

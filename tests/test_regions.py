@@ -192,6 +192,55 @@ def test_save_load_property(tmp_path_factory, data: tuple[dict, dict], p: float,
         assert {n: m.tolist() for n, m in loaded.mask(task).items()} == {n: m.tolist() for n, m in regions.mask(task).items()}
 
 
+@settings(max_examples=10, deadline=None)
+@given(models(), st.sampled_from([1, 10, 60]), st.sampled_from(["global", "tensor"]), st.sampled_from([0.5, 1.0]))
+def test_compact_save_answers_every_p_up_to_q(tmp_path_factory, data: tuple[dict, dict], q: float, scope: str,
+                                              fraction: float) -> None:
+    """Top-q float16 magnitudes give the float32 masks at every p ≤ q, ties included."""
+    base, tasks = data
+    # A base on the float16 grid makes every |Δ| an exact quarter multiple: float16 keeps their
+    # order and their ties, so the masks must match exactly.
+    base = {n: b.half().float() for n, b in base.items()}
+    tasks = {t: {n: base[n] + torch.round(m - base[n]) / 4 for n, m in model.items()} for t, model in tasks.items()}
+    regions = core_regions(base, tasks, q, scope=scope)
+    directory = regions.save(tmp_path_factory.mktemp("r") / "regions", magnitudes=q, compress=True)
+    assert sorted(f.name for f in directory.iterdir()) == ["manifest.json", "masks.npz", "top_magnitudes.npz"]
+    loaded = CoreRegions.load(directory)
+    assert loaded.max_p == q
+    p = q * fraction
+    for task in tasks:
+        assert np.array_equal(loaded.packed(task), regions.packed(task))
+        assert np.array_equal(loaded.with_p(p).packed(task), regions.with_p(p).packed(task))
+    with pytest.raises(ParameterError, match=f"p must be ≤ {q:g}"):
+        loaded.with_p(q * 1.5)
+    with pytest.raises(ParameterError, match="every"):
+        loaded.magnitudes(next(iter(tasks)))
+
+
+def test_compact_save_is_small_and_keeps_the_histogram(tmp_path, tiny_base, tiny_tasks) -> None:
+    regions = core_regions(tiny_base, tiny_tasks, p=1)
+    full = regions.save(tmp_path / "full", magnitudes=True)
+    compact = regions.save(tmp_path / "compact", magnitudes=1, compress=True)
+    size = lambda d: sum(f.stat().st_size for f in d.iterdir())  # noqa: E731
+    assert size(compact) * 5 < size(full)
+    loaded = CoreRegions.load(compact)
+    for task in regions.tasks:
+        edges, counts = loaded.histogram(task)
+        assert np.array_equal(edges, regions.histogram(task)[0]) and np.array_equal(counts, regions.histogram(task)[1])
+        flat = regions.magnitudes(task)
+        real = flat[np.isfinite(flat)]
+        assert counts.sum() == regions.layout.numel == real.size
+        assert counts[0] == np.count_nonzero(real < edges[1])
+        assert np.array_equal(counts, np.histogram(real, bins=np.append(edges[:-1], np.inf))[0])
+    smaller = CoreRegions.load(regions.with_p(0.5).save(tmp_path / "smaller", magnitudes=1, compress=True))
+    assert smaller.p == 0.5 and smaller.max_p == 1  # the kept positions are not the masks: stored apart
+    assert all((smaller.with_p(1).packed(t) == regions.packed(t)).all() for t in regions.tasks)
+    with pytest.raises(ParameterError, match="q must be"):
+        loaded.save(tmp_path / "more", magnitudes=2)
+    with pytest.raises(ParameterError, match="top 1 %"):
+        loaded.save(tmp_path / "all", magnitudes=True)
+
+
 def test_saving_over_existing_keeps_old(tmp_path, tiny_base, tiny_tasks) -> None:
     regions = core_regions(tiny_base, tiny_tasks, p=2)
     target = regions.save(tmp_path / "regions")
@@ -210,7 +259,7 @@ def test_damaged_directories_give_format_errors(tmp_path, tiny_base, tiny_tasks)
     truncated = regions.save(tmp_path / "truncated")
     data = (truncated / "masks.safetensors").read_bytes()
     (truncated / "masks.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(FormatError, match="truncated or corrupt"):
+    with pytest.raises(FormatError, match="masks.safetensors: not a readable packed-mask file"):
         CoreRegions.load(truncated)
     future = regions.save(tmp_path / "future")
     manifest = json.loads((future / "manifest.json").read_text())

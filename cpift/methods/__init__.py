@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
-from . import cpift, multistage, multitask, sequential
+from . import cpift, epi, lora, multistage, multitask, sequential, sparse
 from .common import Context
 
 METHODS: dict[str, Callable[[Context], dict[str, torch.nn.Module]]] = {
@@ -14,6 +15,10 @@ METHODS: dict[str, Callable[[Context], dict[str, torch.nn.Module]]] = {
     "multitask": multitask.run,
     "multistage": multistage.run,
     "sequential": sequential.run,
+    "lora": lora.run_lora,
+    "dora": lora.run_dora,
+    "epi": epi.run,
+    **{method: partial(sparse.run, method=method) for method in sparse.SCORE_METHODS},
 }
 """Method name (as in a config's ``run.methods``) → its runner."""
 

@@ -21,7 +21,7 @@ from ..config import Config
 from ..data.tasks import Example, Task
 from ..models import WEIGHTS_FILE, load_weights, save_weights
 from ..runs import CHECKPOINTS, RunDir
-from ..train import TrainConfig, train
+from ..train import TrainConfig, TrainHook, train
 
 
 @dataclass
@@ -73,6 +73,7 @@ class Context:
         steps: int,
         frozen: Mapping[str, torch.Tensor] | None = None,
         lr: float | None = None,
+        hook: TrainHook | None = None,
     ) -> torch.nn.Module:
         """Train ``model`` in place for ``steps`` optimizer steps; events and checkpoints go to the run."""
         settings = dataclasses.replace(self.train_config, steps=steps, **({"lr": lr} if lr else {}))
@@ -80,7 +81,8 @@ class Context:
         self._stage_checkpoints.append(checkpoint_dir)
         self.run.set_stage(stage)
         train(model, self.tokenizer, examples, settings, frozen=frozen, stage=stage, checkpoint_dir=checkpoint_dir,
-              resume=self.resume, on_event=lambda event: self.run.log_event(**event), progress=self.progress)
+              resume=self.resume, on_event=lambda event: self.run.log_event(**event), progress=self.progress,
+              hook=hook)
         return model
 
     def cached_model(self, relpath: str, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:

@@ -1,7 +1,7 @@
 """CPI-FT, the paper's four stages, keeping every intermediate artifact in the run directory.
 
 1. Probe: fine-tune the base briefly on each task alone (``probes/<task>/``).
-2. Core regions at p (``regions/``), their Jaccard similarity (``similarity.json``), groups at τ
+2. Core regions at p (``regions/``, compact: masks and the top-p |Δ| deflated), their Jaccard similarity (``similarity.json``), groups at τ
    and the stage order (``groups.json``, with every grouping by τ).
 3. Fusion: core transplant + SLERP (``fusion/`` weights, ``fusion/report.csv``). Its base is the
    pretrained model (``fusion_base = "pretrained"``, the default) or the probe of the task that
@@ -45,7 +45,8 @@ def regions_of(ctx: Context, tuned: dict[str, torch.nn.Module]) -> CoreRegions:
     if (path / "manifest.json").is_file():
         return CoreRegions.load(path)
     regions = core_regions(ctx.base_model, tuned, p=ctx.config.cpift.p, progress=ctx.progress)
-    regions.save(path)
+    # The top-p magnitudes (float16, deflated: ~4 MB per task at 135M) let the app move p below the run's.
+    regions.save(path, magnitudes=ctx.config.cpift.p, compress=True)
     return regions
 
 

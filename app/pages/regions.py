@@ -1,0 +1,73 @@
+"""Core regions: each task's core at any p (through CoreRegions.with_p), its size per layer, and |Δθ|."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+from common import CUSTOM, Source, errors_shown, p_slider, page_source, remember, show_error
+
+from cpift.errors import ParameterError
+from cpift.overlap import GROUP_BY
+from cpift.plots import core_sizes_figure, magnitude_histogram_figure
+from cpift.regions import core_regions
+
+st.title("Core regions")
+st.caption("Each task's core: the top p % of parameters by |θ_task − θ_base| after its probe fine-tune.")
+
+
+def checkpoints_form() -> None:
+    """Core regions of any base and task checkpoints (paths or hub ids), used as the app's source."""
+    with st.expander("Compute core regions from checkpoints (paths or hub ids)"):
+        with st.form("checkpoints"):
+            base = st.text_input("Base model", placeholder="smollm2-135m, a model directory or org/name")
+            lines = st.text_area("Task models, one `task = path or hub id` per line",
+                                 placeholder="math = runs/quick/probes/math\ncode = runs/quick/probes/code")
+            p = st.number_input("p (%)", min_value=0.01, max_value=100.0, value=1.0, step=0.1)
+            submitted = st.form_submit_button("Compute")
+        if not submitted:
+            return
+        try:
+            tuned = {}
+            for number, line in enumerate(lines.splitlines(), start=1):
+                if line.strip():
+                    name, sep, model = line.partition("=")
+                    if not sep or not name.strip() or not model.strip():
+                        raise ValueError(f"line {number}: expected `task = path or hub id`, got {line!r}")
+                    tuned[name.strip()] = model.strip()
+            with st.spinner("Reading the checkpoints…"):
+                regions = core_regions(base.strip(), tuned, p=p, progress=False)
+        except Exception as exc:  # noqa: BLE001 - bad paths and models are messages
+            show_error(exc)
+            return
+        st.session_state["custom_source"] = Source(f"{base} + {len(tuned)} tasks", None, regions, 100.0, False)
+        st.session_state.pop("custom_at", None)
+        remember("run", CUSTOM)
+        remember("p", regions.p)  # the sliders start at the p just computed
+        st.session_state["w_run"] = CUSTOM
+        st.session_state.pop("w_p", None)
+        st.rerun()
+
+
+@st.fragment
+@errors_shown()  # a fragment reruns alone, outside the page's own errors_shown
+def explore(src: Source) -> None:
+    """The p slider and everything that depends on p: redrawn alone when p moves."""
+    left, right = st.columns([3, 1])
+    p = p_slider(src, left)
+    by = right.radio("Group by", GROUP_BY[:2], horizontal=True, key="w_regions_by")
+    regions = src.regions(p)
+    thresholds = {t: regions.threshold(t) for t in regions.tasks} if regions.scope == "global" else {}
+    summary = pd.DataFrame({"task": regions.tasks, "core elements": [regions.size(t) for t in regions.tasks]})
+    if thresholds:
+        summary["threshold |Δ|"] = [thresholds[t] for t in regions.tasks]
+    st.dataframe(summary, hide_index=True)
+    st.plotly_chart(core_sizes_figure(regions.sizes(by), by), key="core_sizes")
+    try:
+        histograms = {t: regions.histogram(t) for t in regions.tasks}
+    except ParameterError as exc:  # regions computed without keeping |Δ| have no distribution
+        st.info(f"No |Δθ| distribution for these regions: {exc}")
+        return
+    st.plotly_chart(magnitude_histogram_figure(histograms, thresholds, p), key="histogram")
+
+checkpoints_form()
+explore(page_source())
