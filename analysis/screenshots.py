@@ -18,15 +18,15 @@ sys.path.insert(0, str(ROOT / "app"))
 
 from serve import CHROMIUM, running_app  # noqa: E402
 
-# (page path, query string, file name): the views the README shows.
+# (page path, query string, file name, charts it draws at least): the views the README shows.
 PAGES = (
-    ("runs", "", "runs.png"),
-    ("regions", "p=0.5", "regions.png"),
-    ("overlap", "layer=10", "overlap.png"),
-    ("grouping", "tau=0.007", "grouping.png"),
-    ("fusion", "", "fusion.png"),
-    ("drift", "", "drift.png"),
-    ("compare", "", "compare.png"),
+    ("runs", "", "runs.png", 0),
+    ("regions", "p=0.5", "regions.png", 2),
+    ("overlap", "layer=10", "overlap.png", 2),
+    ("grouping", "tau=0.007", "grouping.png", 2),
+    ("fusion", "", "fusion.png", 2),
+    ("drift", "", "drift.png", 1),
+    ("compare", "", "compare.png", 2),
 )
 
 
@@ -44,14 +44,14 @@ def main() -> None:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
             page = browser.new_page(viewport={"width": args.width, "height": 1000})
-            for path, query, name in PAGES:
+            for path, query, name, charts in PAGES:
                 page.goto(f"{url}/{path}?{query}", timeout=180_000)
-                # Drawn when Streamlit has stopped running the script and every plotly chart has its SVG.
-                page.wait_for_selector("[data-testid='stApp']", timeout=180_000)
+                # Drawn when no spinner or loading skeleton is left and the page's charts have their SVG.
                 page.wait_for_function(
-                    "() => !document.querySelector('[data-testid=\"stStatusWidget\"]') && "
-                    "[...document.querySelectorAll('.stPlotlyChart')].every(c => c.querySelector('svg.main-svg'))",
-                    timeout=180_000,
+                    "charts => document.querySelector('h1') && "
+                    "!document.querySelector('[data-testid=\"stSpinner\"], [data-testid=\"stSkeleton\"]') && "
+                    "document.querySelectorAll('.stPlotlyChart svg.main-svg').length >= charts",
+                    arg=charts, timeout=180_000,
                 )
                 page.wait_for_timeout(1500)
                 page.screenshot(path=str(out / name), full_page=True)

@@ -38,25 +38,6 @@ CUSTOM = "checkpoints from the Core regions page"
 P_SLIDER_MAX = 20.0
 
 
-def _leave_pages_directory_mode() -> None:
-    """Make a deep link work as the first request a server sees.
-
-    Streamlit runs a page file directly, in its old multipage mode, while ``st.navigation`` has not
-    yet been called in the server process and a ``pages/`` folder sits beside the main script: a
-    first request for ``/grouping`` would skip ``main.py`` (no navigation, no page setup). Pages
-    import this module, so this turns that mode off and reruns: the rerun goes through ``main.py``
-    and lands on the same page (page identities are their URL paths in both modes).
-    """
-    from streamlit.runtime.pages_manager import PagesManager
-
-    if PagesManager.uses_pages_directory:
-        PagesManager.uses_pages_directory = False
-        st.rerun()
-
-
-_leave_pages_directory_mode()
-
-
 def show_error(exc: BaseException) -> None:
     """Show an error on the page as a message, never a traceback."""
     if isinstance(exc, CpiftError):

@@ -19,7 +19,7 @@ from cpift.methods import METHODS
 
 CONFIGS = REPO / "configs"
 #: The page that watches a run, where the Runs page sends a run it starts.
-TRAINING_PAGE = "pages/training.py"
+TRAINING_PAGE = "views/training.py"
 
 
 def presets() -> dict[str, Path]:

@@ -16,14 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # pages import app/com
 st.set_page_config(page_title="cpift", layout="wide")
 
 PAGES = [
-    st.Page("pages/runs.py", title="Runs", url_path="runs", default=True),
-    st.Page("pages/regions.py", title="Core regions", url_path="regions"),
-    st.Page("pages/overlap.py", title="Overlap", url_path="overlap"),
-    st.Page("pages/grouping.py", title="Grouping", url_path="grouping"),
-    st.Page("pages/fusion.py", title="Fusion preview", url_path="fusion"),
-    st.Page("pages/drift.py", title="Importance drift", url_path="drift"),
-    st.Page("pages/training.py", title="Training", url_path="training"),
-    st.Page("pages/compare.py", title="Compare & report", url_path="compare"),
+    st.Page("views/runs.py", title="Runs", url_path="runs", default=True),
+    st.Page("views/regions.py", title="Core regions", url_path="regions"),
+    st.Page("views/overlap.py", title="Overlap", url_path="overlap"),
+    st.Page("views/grouping.py", title="Grouping", url_path="grouping"),
+    st.Page("views/fusion.py", title="Fusion preview", url_path="fusion"),
+    st.Page("views/drift.py", title="Importance drift", url_path="drift"),
+    st.Page("views/training.py", title="Training", url_path="training"),
+    st.Page("views/compare.py", title="Compare & report", url_path="compare"),
 ]
 
 page = st.navigation(PAGES)

@@ -177,8 +177,9 @@ def estimate_cpu_seconds(config: Config) -> CpuEstimate | None:
     an optimizer step of 4 × 128 tokens ≈ 8 s, generating 32 tokens for 8 prompts ≈ 7 s, a
     forward pass over 32 × 128 tokens ≈ 17 s, and ≈ 60 s of loading, core regions and fusion.
     Each scales linearly with its tokens: a step with ``batch_size × grad_accum × max_length``,
-    a generation batch with ``eval.batch_size × max_new_tokens``, retention with its chunks
-    (≈ 110 tokens each). Steps and scored models come from :func:`planned_work`; each scored
+    a generation batch with ``eval.batch_size × max_new_tokens``, retention with its prose chunks
+    (≈ 110 tokens each) and its zero-shot questions (generated in batches like a task). For
+    ``configs/quick.toml`` this predicts 17.5 min; the measured run took 19 min. Steps and scored models come from :func:`planned_work`; each scored
     model generates ``⌈n_eval / eval.batch_size⌉`` batches per task.
     """
     from .models import is_embedded_name
@@ -191,8 +192,13 @@ def estimate_cpu_seconds(config: Config) -> CpuEstimate | None:
     step_s = _STEP_S * t.batch_size * t.grad_accum * config.data.max_length / _STEP_TOKENS
     batches = len(config.data.tasks) * math.ceil(config.data.n_eval / e.batch_size)
     generate_s = batches * _GENERATE_S * e.batch_size * e.max_new_tokens / _GENERATE_TOKENS
+    # Retention: a forward pass over the prose chunks, and the zero-shot questions generated like a task.
+    from .data import retention_task
+
+    questions = len(retention_task().eval)
     retention_s = (_FORWARD_S * e.n_retention_chunks * _RETENTION_CHUNK_TOKENS / _FORWARD_TOKENS
-                   if e.retention else 0.0)
+                   + math.ceil(questions / e.batch_size) * _GENERATE_S * e.batch_size * e.max_new_tokens
+                   / _GENERATE_TOKENS if e.retention else 0.0)
     return CpuEstimate(
         steps=steps, models=models, train_s=steps * step_s, eval_s=models * (generate_s + retention_s),
         overhead_s=_OVERHEAD_S,

@@ -211,7 +211,7 @@ def test_regions_page_computes_from_checkpoint_paths(run_path, tmp_path):
     assert table["core elements"].tolist() == [expected.size("math"), expected.size("code")]
     at.slider(key="w_p").set_value(0.5).run()  # every |Δ| is held: any p
     assert at.dataframe[0].value["core elements"].tolist() == [expected.with_p(0.5).size("math")] * 2
-    at.switch_page("pages/grouping.py").run()  # the other pages explore the same checkpoints
+    at.switch_page("views/grouping.py").run()  # the other pages explore the same checkpoints
     assert len(_groups(figure(at, "Tasks linked at τ"))) in (1, 2) and not at.error
 
     at = open_page("regions", run_path)

@@ -126,12 +126,13 @@ def test_cpu_estimate_follows_the_measured_costs():
     methods = 'run.methods=["cpift", "multitask", "multistage", "sequential"]'
     quick = load_config(CONFIGS / "quick.toml", [methods])
     estimate = estimate_cpu_seconds(quick)
-    # probes 3 × 5, cpift 12, multitask 12, multistage 12, sequential A once + B for 2 variants
-    assert estimate.steps == 15 + 12 + 12 + 12 + 3 * 12 == 87
+    # probes 3 × 5, cpift 10, multitask 10, multistage 10, sequential A once + B for 2 variants
+    assert estimate.steps == 15 + 10 + 10 + 10 + 3 * 10 == 75
     assert estimate.models == 1 + 4 + 1 + 1 + 3
-    assert estimate.train_s == pytest.approx(87 * 8.0)  # 8 s per step at batch 4 × 128
-    # one generation batch per task (8 prompts, 32 tokens, 7 s) and 8 retention chunks per model
-    assert estimate.eval_s == pytest.approx(10 * (3 * 7.0 + 17.0 * 8 * 110 / 4096))
+    assert estimate.train_s == pytest.approx(75 * 8.0)  # 8 s per step at batch 4 × 128
+    # per model: one generation batch per task (8 prompts, 32 tokens, 7 s), 8 retention chunks,
+    # and the 13 zero-shot retention questions in 2 generation batches
+    assert estimate.eval_s == pytest.approx(10 * (3 * 7.0 + 17.0 * 8 * 110 / 4096 + 2 * 7.0))
     assert estimate.total_s == pytest.approx(estimate.train_s + estimate.eval_s + 60.0)
     doubled = estimate_cpu_seconds(load_config(CONFIGS / "quick.toml", [methods, "train.batch_size=8"]))
     assert doubled.train_s == pytest.approx(2 * estimate.train_s)
