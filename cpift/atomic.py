@@ -30,6 +30,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import DiskFullError, OutputExistsError
+
 __all__ = [
     "atomic_dir",
     "atomic_write_bytes",
@@ -93,8 +95,25 @@ def _exists(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
 
-def _exists_error(final: Path) -> FileExistsError:
-    return FileExistsError(errno.EEXIST, "refusing to replace an existing path", str(final))
+def _exists_error(final: Path) -> OutputExistsError:
+    return OutputExistsError(final)
+
+
+# A write that failed on a file system with less than this free was a full disk, whatever the
+# writer reported: torch's zip writer, for one, says only "unexpected pos" and loses the errno.
+_FULL_BELOW_BYTES = 1 << 20
+
+
+def _disk_full(exc: BaseException, target: Path) -> bool:
+    """Whether ``exc``, raised while writing ``target``, comes from a full file system."""
+    if isinstance(exc, DiskFullError) or not isinstance(exc, Exception):
+        return False
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(target.parent).free < _FULL_BELOW_BYTES
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -122,10 +141,12 @@ def atomic_dir(final: str | os.PathLike[str], *, overwrite: bool = False,
         rename is atomic).
 
     Raises:
-        FileExistsError: ``final`` exists and ``overwrite`` is false — either already on entry
+        OutputExistsError: (a :class:`FileExistsError` and a :class:`~cpift.errors.CpiftError`)
+            ``final`` exists and ``overwrite`` is false — either already on entry
             (nothing is created then) or because another process published it while the body
             ran (our temporary directory is discarded; the other process's ``final`` is kept).
-        BaseException: anything the body raises is re-raised after removing the temporary
+        DiskFullError: the body or the publishing failed on a full file system (names ``final``).
+        BaseException: anything else the body raises is re-raised after removing the temporary
             directory.
     """
     final = Path(final).expanduser().absolute()
@@ -140,8 +161,10 @@ def atomic_dir(final: str | os.PathLike[str], *, overwrite: bool = False,
         if fsync:
             _fsync_tree(tmp)
         _publish(tmp, final, overwrite=overwrite)
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp)
+        if _disk_full(exc, final):
+            raise DiskFullError(final) from exc
         raise
     if fsync:
         _fsync_dir(final.parent)
@@ -249,9 +272,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
                 os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if _disk_full(exc, path):
+            raise DiskFullError(path) from exc
         raise
     if fsync:
         _fsync_dir(path.parent)

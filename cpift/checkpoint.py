@@ -308,7 +308,7 @@ def _open_path(path: Path, label: str, allow_pickle: bool) -> Checkpoint:
         if path.suffix in PICKLE_SUFFIXES:
             _require_pickle_opt_in(path, allow_pickle)
             return PickleCheckpoint([path], label, tied)
-        raise CheckpointError(f"{path}: not a checkpoint file (expected .safetensors, or .bin/.pt with allow_pickle)")
+        raise CheckpointError(f"{path}: not a checkpoint file (expected .safetensors, or .bin/.pt when pickle is allowed)")
     if (path / SAFETENSORS_INDEX).is_file():
         return SafetensorsCheckpoint(_index_shards(path / SAFETENSORS_INDEX), label, tied)
     if (path / SAFETENSORS_FILE).is_file():
@@ -325,12 +325,18 @@ def _open_path(path: Path, label: str, allow_pickle: bool) -> Checkpoint:
     )
 
 
+class PickleRefusedError(CheckpointError):
+    """A pickle checkpoint was given without opting in to loading it (see ``allow_pickle``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.problem = f"{path} is a pickle checkpoint, which can run arbitrary code when loaded"
+        self.remedy = "convert it to safetensors, or pass allow_pickle=True to load it with torch.load(weights_only=True)"
+        super().__init__(f"{self.problem}; {self.remedy}")
+
+
 def _require_pickle_opt_in(path: Path, allow_pickle: bool) -> None:
     if not allow_pickle:
-        raise CheckpointError(
-            f"{path} is a pickle checkpoint, which can run arbitrary code when loaded; convert it to "
-            "safetensors, or pass allow_pickle=True to load it with torch.load(weights_only=True)"
-        )
+        raise PickleRefusedError(path)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

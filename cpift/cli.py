@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ._version import __version__
-from .errors import CpiftError, ParameterError
+from .errors import CpiftError, OutputExistsError, ParameterError
 
 
 def _task_models(pairs: list[str]) -> dict[str, str]:
@@ -23,6 +23,8 @@ def _task_models(pairs: list[str]) -> dict[str, str]:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
             raise ParameterError(f"--task expects NAME=PATH, got {pair!r}")
+        if name in models:
+            raise ParameterError(f"--task {name} is given twice ({models[name]} and {path}); task names must differ")
         models[name] = path
     if not models:
         raise ParameterError("give at least one --task NAME=PATH")
@@ -40,7 +42,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .config import load_config
     from .pipeline import compare, run_config
 
-    run = run_config(load_config(args.config, args.set), args.out, resume=args.resume)
+    run = run_config(load_config(args.config, args.set), args.out, resume=args.resume or args.add_methods,
+                     add_methods=args.add_methods)
     print(f"run finished: {run.path}")
     _print_table(compare([run.path]))
 
@@ -68,7 +71,7 @@ def cmd_regions(args: argparse.Namespace) -> None:
     from .regions import core_regions
 
     regions = core_regions(args.base, _task_models(args.task), p=args.p, scope=args.scope,
-                           include=args.include or None, exclude=args.exclude or None)
+                           include=args.include or None, exclude=args.exclude or None, allow_pickle=args.allow_pickle)
     regions.save(args.out, magnitudes=args.magnitudes, compress=args.compress)
     print(f"core regions at p = {args.p}% saved to {args.out}")
     _print_table(regions.jaccard())
@@ -93,7 +96,7 @@ def cmd_fuse(args: argparse.Namespace) -> None:
     from .regions import CoreRegions
 
     state = fuse(args.base, _task_models(args.task), CoreRegions.load(args.regions), args.omega, args.overlap,
-                 fold=args.fold)
+                 fold=args.fold, allow_pickle=args.allow_pickle)
     save_weights(state, args.out)
     state.report.to_csv(Path(args.out) / "report.csv", index=False)
     print(f"fused model saved to {args.out}; contested elements: {int(state.report['contested'].sum()):,}")
@@ -146,6 +149,26 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(p=args.p, tau=args.tau, steps=args.steps)
 
 
+def _cli_message(exc: CpiftError) -> str:
+    """The error's message, with the command line's remedy where the library names a keyword."""
+    from .checkpoint import PickleRefusedError
+    from .pipeline import ConfigChangedError
+    from .runs import RunExistsError
+
+    if isinstance(exc, PickleRefusedError):
+        remedy = "convert it to safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)"
+    elif isinstance(exc, ConfigChangedError):
+        remedy = "resume with the run's own config (no other file, no --set changes), or choose another --out" + (
+            "; --add-methods adds the new methods to this run" if exc.methods_added else "")
+    elif isinstance(exc, RunExistsError):
+        remedy = "pass --resume to continue that run, or choose another --out"
+    elif isinstance(exc, OutputExistsError):
+        remedy = "choose another --out"
+    else:
+        return str(exc)
+    return f"{exc.problem}; {remedy}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``cpift`` command."""
     from .config import METHODS
@@ -167,11 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--base", required=True, help="base model: the embedded 'smollm2-135m', a directory or hub id")
         sub.add_argument("--task", action="append", default=[], metavar="NAME=PATH",
                          help="a task's fine-tuned model (repeat for each task)")
+        sub.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt checkpoints (pickle) with "
+                         "torch.load(weights_only=True); refused otherwise, as pickle can run code")
 
     sub = command("run", cmd_run, "run every method of a config into a run directory")
     config_args(sub)
     sub.add_argument("--out", required=True, help="run directory")
-    sub.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
+    sub.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint "
+                     "(with the config it was created with)")
+    sub.add_argument("--add-methods", action="store_true", help="resume a run with a config whose run.methods "
+                     "adds methods to the run's; the manifest records the change")
 
     sub = command("probe", cmd_probe, "probe fine-tune the config's base on one task")
     config_args(sub)
@@ -236,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.handler(args)
     except CpiftError as exc:
-        print(f"cpift: error: {exc}", file=sys.stderr)
+        print(f"cpift: error: {_cli_message(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the machine's refusal (a full disk, a permission): one line, naming the file
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"cpift: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cpift: stopped", file=sys.stderr)

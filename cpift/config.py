@@ -139,6 +139,7 @@ from typing import Any
 import tomllib
 
 from .errors import ParameterError
+from .names import check_name
 
 __all__ = [
     "DEVICES",
@@ -165,6 +166,7 @@ __all__ = [
     "SparseConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_changes",
     "load_config",
     "parse_config",
 ]
@@ -180,9 +182,7 @@ TINY_MODEL = "tiny"
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_LR_FACTOR = 10.0  # lora.lr defaults to this × train.lr
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")  # as cpift.checkpoint
-_PLAIN_RULE = "may hold only letters, digits, '.', '_' and '-' (and must start with a letter or digit)"
 _FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".txt")
 
 
@@ -567,6 +567,14 @@ def _as_str(key: str, value: Any, *, empty: bool = False) -> str:
     return value
 
 
+def _plain_name(key: str, name: str) -> str:
+    """``name`` if it may name files (:mod:`cpift.names`), else a ConfigError at ``key``."""
+    try:
+        return check_name(name)
+    except ParameterError as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
 def _as_strs(key: str, value: Any, *, plain: bool = False) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)):
         raise ConfigError(key, f"expected a list of strings, got {_describe(value)}")
@@ -575,8 +583,8 @@ def _as_strs(key: str, value: Any, *, plain: bool = False) -> tuple[str, ...]:
     seen: set[str] = set()
     for i, item in enumerate(value):
         _as_str(f"{key}[{i}]", item)
-        if plain and not _NAME_RE.match(item):
-            raise ConfigError(f"{key}[{i}]", f"{item!r} {_PLAIN_RULE}")
+        if plain:
+            _plain_name(f"{key}[{i}]", item)
         if item in seen:
             raise ConfigError(key, f"{item!r} is listed twice")
         seen.add(item)
@@ -711,8 +719,7 @@ def _datasets(key: str, value: Any, base_dirs: tuple[Path, ...]) -> tuple[dict[s
             elif kind == "path":
                 spec[name] = _dataset_source(sub, _as_str(sub, item), base_dirs)
         _check_choice(f"{where}.format", spec["format"], formats)
-        if not _NAME_RE.match(spec["name"]):
-            raise ConfigError(f"{where}.name", f"{spec['name']!r} {_PLAIN_RULE}")
+        _plain_name(f"{where}.name", spec["name"])
         if spec["name"] in names:
             raise ConfigError(f"{where}.name", f"dataset name {spec['name']!r} is used twice")
         names.add(spec["name"])
@@ -800,8 +807,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] | 
     sections = {name: _section(name, data.get(name, {}), base_dirs) for name in SECTIONS}
 
     run, model, dat = sections["run"], sections["model"], sections["data"]
-    if not _NAME_RE.match(run["name"]):
-        raise ConfigError("run.name", f"{run['name']!r} {_PLAIN_RULE}")
+    _plain_name("run.name", run["name"])
     run["device"] = _device("run.device", run["device"])
     model["name"] = _model_name("model.name", model["name"], base_dirs)
     tasks: tuple[str, ...] = dat["tasks"]
@@ -849,6 +855,19 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] | 
 
     built = {name: SECTIONS[name](**values) for name, values in sections.items()}
     return Config(**built)
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """The keys whose values differ between two configs given as plain dicts (``Config.to_dict()``,
+    or a run manifest's copy of one), as ``(section.key, old value, new value)`` in ``new``'s order;
+    a key only one side has shows ``None`` on the other."""
+    def flat(tree: Mapping[str, Any]) -> dict[str, Any]:
+        return {f"{section}.{key}": value for section, table in tree.items() for key, value in
+                (table.items() if isinstance(table, Mapping) else [("", table)])}
+
+    before, after = flat(json.loads(json.dumps(old))), flat(json.loads(json.dumps(new)))
+    keys = [*after, *(k for k in before if k not in after)]
+    return [(key, before.get(key), after.get(key)) for key in keys if before.get(key) != after.get(key)]
 
 
 def load_config(path: str | os.PathLike[str], overrides: Iterable[str] = ()) -> Config:

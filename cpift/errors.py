@@ -7,9 +7,17 @@ the file. Callers catch :class:`CpiftError` to handle them all.
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 
 class CpiftError(Exception):
-    """Base class of every error cpift raises on bad input."""
+    """Base class of every error cpift raises on bad input.
+
+    Errors whose remedy depends on the caller's interface (a keyword argument in Python, an option
+    on the command line) carry ``problem`` and ``remedy`` separately; ``str()`` joins them, and
+    the command line puts its own option in place of the remedy."""
 
 
 class CheckpointError(CpiftError):
@@ -26,3 +34,29 @@ class ParameterError(CpiftError, ValueError):
 
 class FormatError(CpiftError):
     """A saved artifact is truncated, corrupt or written by an incompatible version of cpift."""
+
+
+class OutputExistsError(CpiftError, FileExistsError):
+    """An output would replace an existing path. ``path`` names it; still a :class:`FileExistsError`
+    (errno ``EEXIST``) for code that races other writers to the same output."""
+
+    def __init__(self, path: str | os.PathLike[str], remedy: str = "choose another path, or pass overwrite=True") -> None:
+        super().__init__(errno.EEXIST, "already exists", os.fspath(path))
+        self.path = Path(path)
+        self.problem = f"{self.path} already exists"
+        self.remedy = remedy
+
+    def __str__(self) -> str:
+        return f"{self.problem}; {self.remedy}"
+
+
+class DiskFullError(CpiftError, OSError):
+    """Writing an output failed because its file system is full. ``path`` names what was being
+    written; whatever was complete before stays complete (every write is atomic)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(errno.ENOSPC, "no space left on device", os.fspath(path))
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return f"no space left on device while writing {self.path}; free some space, then resume"

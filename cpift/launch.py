@@ -236,24 +236,19 @@ def start_run(
         CpiftError: ``out_dir`` exists already (without ``resume``), or is not a run (with it).
         RunLockedError: a process is working on the run.
     """
-    from .pipeline import build_tasks, train_config
+    from .pipeline import build_tasks, open_run, train_config
 
     if resume:
         run = RunDir.open(out_dir)
         _check_not_running(run)
-        stored = parse_config(run.config)
-        if config is not None and read_config(config) != stored:
-            raise ParameterError(f"{run.path}: resuming uses the run's own config, and the config given differs "
-                                 "from it; start a new run to use another config")
-        config = stored
+        config = parse_config(run.config) if config is None else config
     elif config is None:
         raise ParameterError("start_run needs a config to start a new run")
     config = read_config(config)
     build_tasks(config)
     train_config(config)
     launch_device(config)
-    if not resume:
-        run = RunDir.create(out_dir, config.to_dict())
+    run = open_run(out_dir, config, resume=resume)  # a resume refuses a config other than the run's
     config_path = run.write_text(LAUNCH_CONFIG, config.to_toml())
     command = (sys.executable, "-m", "cpift.cli", "run", str(config_path), "--out", str(run.path), "--resume")
     log_path = run.path_for(LAUNCH_LOG)

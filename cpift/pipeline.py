@@ -10,20 +10,23 @@ artifacts are reused and an interrupted training stage continues from its last c
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, config_changes, load_config
 from .data import get_task, retention_task, retention_text
 from .data.tasks import Task
 from .evaluate import EvalCache, evaluate_model, summarize
 from .methods import METHODS, Context
 from .atomic import atomic_dir
 from .models import WEIGHTS_FILE, load_model, tiny_llama, tiny_tokenizer
+from .errors import CpiftError
 from .regions import CoreRegions
 from .runs import CHECKPOINTS, LOCK, METRICS_CSV, METRICS_JSON, REGIONS, RunDir, RunLockedError
 from .runs import METHODS as METHODS_DIR
@@ -42,6 +45,8 @@ def build_tasks(config: Config) -> dict[str, Task]:
             raise ConfigError(f"{key}: {exc}") from exc
         if not task.train or not task.eval:
             raise ConfigError(f"{key}: task {task.name!r} has an empty training or evaluation set")
+        if task.name in tasks:
+            raise ConfigError(f"{key}: a second task named {task.name!r}; task names must differ")
         tasks[task.name] = task
     return tasks
 
@@ -73,14 +78,54 @@ def train_config(config: Config) -> TrainConfig:
                        device=config.run.device)
 
 
+class ConfigChangedError(CpiftError):
+    """A run was resumed with a config other than its own. ``changes`` lists ``(key, old, new)``;
+    ``methods_added`` tells that the only change adds methods (allowed with ``add_methods``)."""
+
+    def __init__(self, path: Path, changes: list[tuple[str, Any, Any]], methods_added: bool) -> None:
+        self.path, self.changes, self.methods_added = path, changes, methods_added
+        shown = "; ".join(f"{key}: {json.dumps(old)} → {json.dumps(new)}" for key, old, new in changes)
+        self.problem = f"{path} was created with another config ({shown}); a resume continues a run unchanged"
+        self.remedy = "resume with the run's own config, or start a new run in another directory" + (
+            "; add_methods=True adds the new methods to this run" if methods_added else "")
+        super().__init__(f"{self.problem}; {self.remedy}")
+
+
+def open_run(out: str | Path, config: Config, *, resume: bool = False, add_methods: bool = False) -> RunDir:
+    """A new run directory ``out`` for ``config``, or with ``resume`` the existing one.
+
+    A resumed run must have been created with exactly ``config`` (every key compared), else
+    :class:`ConfigChangedError` lists the differences. ``add_methods=True`` allows one change:
+    ``run.methods`` grown by new methods (all earlier ones kept); the manifest's config then
+    becomes ``config`` and its ``config_changes`` records the change.
+    """
+    if not resume:
+        return RunDir.create(out, config.to_dict())
+    run = RunDir.open(out)
+    if (holder := run.locked_by()) is not None:  # the first thing to know about a run in use
+        raise RunLockedError(run.path, holder)
+    changes = config_changes(run.config, config.to_dict())
+    if not changes:
+        return run
+    old_methods = run.config.get("run", {}).get("methods", [])
+    methods_added = ([key for key, _, _ in changes] == ["run.methods"]
+                     and set(old_methods) < set(config.run.methods))
+    if not (add_methods and methods_added):
+        raise ConfigChangedError(run.path, changes, methods_added)
+    run.change_config(config.to_dict(), changes)
+    return run
+
+
 def run_config(
-    config: Config | str | Path, out: str | Path, *, resume: bool = False, progress: bool | None = None
+    config: Config | str | Path, out: str | Path, *, resume: bool = False, add_methods: bool = False,
+    progress: bool | None = None,
 ) -> RunDir:
-    """Run every method of ``config`` into the run directory ``out``; returns the run."""
+    """Run every method of ``config`` into the run directory ``out``; returns the run. ``resume`` and
+    ``add_methods``: see :func:`open_run`."""
     config = config if isinstance(config, Config) else load_config(config)
     tasks = build_tasks(config)
     settings = train_config(config)  # validated, like everything else, before the run exists
-    run = RunDir.open(out) if resume else RunDir.create(out, config.to_dict())
+    run = open_run(out, config, resume=resume, add_methods=add_methods)
     with run.lock(), run.running():
         model, tokenizer = load_base(config)
         cache = EvalCache(run.path_for(EVAL_CACHE))

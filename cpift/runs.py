@@ -9,7 +9,8 @@ reader never sees half an artifact, and a run killed at any moment can be resume
 Layout (paths relative to the run directory; constants of this module in brackets)::
 
     manifest.json              [MANIFEST]     format "cpift.run", version, cpift version, created /
-                                              updated times, status, current stage, error, config
+                                              updated times, status, current stage, error, config,
+                                              config_changes (methods added on a resume)
     run.lock                   [LOCK]         flock-ed by the process working on the run; its PID
     events.jsonl               [EVENTS]       one JSON object per line, each with "time" (Unix
                                               seconds) and by convention "event" naming its kind
@@ -66,8 +67,9 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_dir, atomic_write_text, remove_stale_temps
-from .errors import CpiftError, FormatError, ParameterError
+from .errors import CpiftError, DiskFullError, FormatError, OutputExistsError, ParameterError
 from .manifest import manifest_header, read_manifest
+from .names import check_name
 
 __all__ = [
     "CHECKPOINTS",
@@ -87,6 +89,7 @@ __all__ = [
     "SIMILARITY",
     "STATUSES",
     "RunDir",
+    "RunExistsError",
     "RunLockedError",
     "checkpoint_dir",
     "method_dir",
@@ -115,7 +118,6 @@ STATUSES: tuple[str, ...] = ("running", "done", "failed", "stopped")
 
 # Manifest keys that set_status(**extra) may not overwrite.
 _RESERVED = frozenset({"format", "version", "cpift_version", "created", "config", "status"})
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 
 class RunLockedError(CpiftError):
@@ -129,25 +131,43 @@ class RunLockedError(CpiftError):
         super().__init__(f"run directory is locked by {who}")
 
 
+class RunExistsError(OutputExistsError):
+    """A new run was asked for in a directory that already holds something (resume it instead)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "resume it (resume=True), or choose another directory")
+
+
+_NAME_MAX_BYTES = 255  # NAME_MAX of Linux, macOS and Windows file systems
+
+
+def _check_creatable(path: Path) -> None:
+    """Refuse, with one clear message, a run directory path that cannot be created: a name longer
+    than file systems allow (255 bytes), a parent that is a file, or one the system refuses."""
+    for part in path.parts:
+        if len(os.fsencode(part)) > _NAME_MAX_BYTES:
+            raise CpiftError(f"cannot create the run directory {str(path)[:60]}…: the name {part[:40]!r}… has "
+                             f"{len(part)} characters, more than a file name may ({_NAME_MAX_BYTES} bytes)")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if ancestor != path and not ancestor.is_dir():
+        raise CpiftError(f"cannot create the run directory {path}: {ancestor} is a file, not a directory")
+    if ancestor == path and not path.is_dir():
+        raise CpiftError(f"cannot create the run directory {path}: a file of that name exists")
+
+
 # -- parameterised paths -----------------------------------------------------------------------
-
-
-def _plain(kind: str, name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ParameterError(
-            f"{kind} name {name!r} cannot be used in a run directory path: use letters, digits, '.', '_' and '-'"
-        )
-    return name
 
 
 def probe_dir(task: str) -> str:
     """``probes/<task>``: the probe fine-tune of one task."""
-    return f"{PROBES}/{_plain('task', task)}"
+    return f"{PROBES}/{check_name(task, 'task')}"
 
 
 def method_dir(method: str) -> str:
     """``methods/<method>``: everything one method produced."""
-    return f"{METHODS}/{_plain('method', method)}"
+    return f"{METHODS}/{check_name(method, 'method')}"
 
 
 def method_final_dir(method: str) -> str:
@@ -159,7 +179,7 @@ def checkpoint_dir(job: str, step: int) -> str:
     """``checkpoints/<job>/step-<step, 6 digits>``: resumable state of a training job at a step."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ParameterError(f"checkpoint step must be a non-negative integer; got {step!r}")
-    return f"{CHECKPOINTS}/{_plain('job', job)}/step-{step:06d}"
+    return f"{CHECKPOINTS}/{check_name(job, 'job')}/step-{step:06d}"
 
 
 # -- JSON ----------------------------------------------------------------------------------------
@@ -225,7 +245,9 @@ class RunDir:
         one rename, so of two processes creating the same run exactly one succeeds.
 
         Raises:
-            CpiftError: ``path`` exists and is not an empty directory (open it to resume).
+            RunExistsError: ``path`` exists and is not an empty directory (open it to resume).
+            CpiftError: ``path`` cannot be created (a parent is a file, a name is too long, the
+                file system refuses it).
         """
         run = cls(path)
         if hasattr(config, "to_dict") and callable(config.to_dict):
@@ -243,6 +265,7 @@ class RunDir:
             "config": dict(config),
         }
         text = _dumps(manifest)  # fails on a non-serialisable config before anything is created
+        _check_creatable(run.path)
         if run.path.is_dir() and not any(run.path.iterdir()):
             with contextlib.suppress(OSError):
                 run.path.rmdir()  # an empty directory (made by hand, or a mkdir -p) is fine to take
@@ -250,10 +273,13 @@ class RunDir:
             with atomic_dir(run.path) as tmp:
                 (tmp / MANIFEST).write_text(text, encoding="utf-8")
                 (tmp / EVENTS).touch()
-        except FileExistsError:
-            raise CpiftError(
-                f"{run.path} already exists; open it with RunDir.open to resume it, or choose another run name"
-            ) from None
+        except OutputExistsError:
+            raise RunExistsError(run.path) from None
+        except DiskFullError:
+            raise
+        except OSError as exc:
+            raise CpiftError(f"cannot create the run directory {run.path}: {run.path.parent} refuses it "
+                             f"({exc.strerror or exc})") from exc
         return run
 
     @classmethod
@@ -322,6 +348,15 @@ class RunDir:
         changes: dict[str, Any] = {"error": None, **extra, "status": status}
         self._update_manifest(changes)
 
+    def change_config(self, config: Mapping[str, Any], changes: list[tuple[str, Any, Any]]) -> None:
+        """Replace the run's config by ``config`` and append ``changes`` (``(key, old, new)``, see
+        :func:`cpift.config.config_changes`) with the time to the manifest's ``config_changes``
+        list, so that a run extended after its creation says so."""
+        manifest = self.manifest
+        history = [*manifest.get("config_changes", []),
+                   *({"time": _now_iso(), "key": key, "old": old, "new": new} for key, old, new in changes)]
+        self._update_manifest({"config": dict(config), "config_changes": history})
+
     def set_stage(self, stage: str | None) -> None:
         """Record the stage the run is in (``"probe"``, ``"regions"``, ``"fusion"``, …) without
         changing its status."""
@@ -336,12 +371,19 @@ class RunDir:
         try:
             yield self
         except KeyboardInterrupt:
-            self.set_status("stopped", error="interrupted by the user")
+            self._record_end("stopped", "interrupted by the user")
             raise
         except BaseException as exc:
-            self.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+            self._record_end("failed", f"{type(exc).__name__}: {exc}")
             raise
         self.set_status("done")
+
+    def _record_end(self, status: str, error: str) -> None:
+        # On a full disk the manifest cannot be written either; the run then keeps "running"
+        # with nobody holding its lock, which readers take for a run that died (resumable),
+        # and the original error propagates.
+        with contextlib.suppress(OSError):
+            self.set_status(status, error=error)
 
     # -- lock ----------------------------------------------------------------------------------
 

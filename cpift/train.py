@@ -693,8 +693,8 @@ def _check_resumable(path: Path, saved: Mapping[str, Any], config: TrainConfig,
     ]
     if differ:
         raise MismatchError(
-            f"cannot resume from {path}: it was written by a different run ("
-            + "; ".join(differ) + "). Use a fresh checkpoint_dir or the original settings"
+            f"cannot resume from {path}: it was written with other settings ("
+            + "; ".join(differ) + "); resume with the settings it was written with, or start a new run"
         )
 
 
