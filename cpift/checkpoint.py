@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import socket
 import urllib.parse
 from abc import ABC, abstractmethod
@@ -31,6 +30,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError, MismatchError
+from .sources import is_embedded_name, looks_like_path, materialise_embedded_model
 
 ModelLike = Union[str, os.PathLike, torch.nn.Module, Mapping[str, torch.Tensor], "Checkpoint"]
 """Anything cpift accepts as a model: a path or hub id, a module, a name → tensor mapping."""
@@ -48,8 +48,6 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 _TIED_OUTPUT_NAMES = ("lm_head.weight",)
-# A hub id: "org/name", letters, digits, '-', '_', '.' (a bare "name" is taken as a local path).
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 WEIGHT_PATTERNS = ("*.safetensors", "*.json")
 """Files fetched from the hub to read a model's weights."""
 
@@ -361,29 +359,23 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _looks_like_path(text: str) -> bool:
-    """Whether a string that names no existing file was meant as a path rather than a hub id."""
-    return not _HUB_ID.match(text) or text.startswith((".", "~")) or os.path.isabs(text) or "\\" in text
-
-
 def resolve_model_path(name_or_path: str | os.PathLike, patterns: Sequence[str] = WEIGHT_PATTERNS) -> Path:
     """The local path for a path, the embedded model's short name, or a hub id.
 
-    A hub id is looked up in the local Hugging Face cache first, then downloaded (only the files
-    matching ``patterns``) when the hub can be reached.
+    Which of these a text is follows :mod:`cpift.sources`. A hub id is looked up in the local
+    Hugging Face cache first, then downloaded (only the files matching ``patterns``) when the hub
+    can be reached.
 
     Raises:
         CheckpointError: a path that does not exist, or a hub id that is neither cached nor reachable.
     """
-    from . import models  # the embedded model's converter lives with the model loader
-
     text = os.fspath(name_or_path)
-    if models.is_embedded_name(text):
-        return models.embedded_model_dir()
+    if is_embedded_name(text):
+        return materialise_embedded_model()
     path = Path(text).expanduser()
     if path.exists():
         return path
-    if not isinstance(name_or_path, str) or _looks_like_path(text):
+    if not isinstance(name_or_path, str) or looks_like_path(text):
         raise CheckpointError(f"model path {path} does not exist")
     from huggingface_hub import snapshot_download
 

