@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("train", cmd_train, "run one method of a config")
     config_args(sub)
-    sub.add_argument("--method", required=True, help="one of run.methods' choices: " + ", ".join(METHODS))
+    sub.add_argument("--method", required=True, choices=METHODS, metavar="METHOD",
+                     help="one of the registered methods: " + ", ".join(METHODS))
     sub.add_argument("--out", required=True)
     sub.add_argument("--resume", action="store_true")
 

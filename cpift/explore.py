@@ -29,9 +29,7 @@ from .evaluate import score_task
 from .fusion import fuse
 from .pipeline import load_base
 from .regions import CoreRegions, core_regions
-from .runs import REGIONS, SIMILARITY, RunDir, probe_dir
-
-FUSION_REPORT = "fusion_report.csv"
+from .runs import FUSION_REPORT, REGIONS, SIMILARITY, RunDir, probe_dir
 
 
 def run_regions(run: RunDir) -> CoreRegions:

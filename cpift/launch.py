@@ -45,12 +45,9 @@ import tomllib
 
 from .config import Config, ConfigError, load_config, parse_config
 from .errors import CpiftError, ParameterError
-from .runs import LOGS, RunDir, RunLockedError
+from .runs import LAUNCH_CONFIG, LAUNCH_LOG, LAUNCH_RECORD, RunDir, RunLockedError
 
 __all__ = [
-    "LAUNCH_CONFIG",
-    "LAUNCH_LOG",
-    "LAUNCH_RECORD",
     "CpuEstimate",
     "Launch",
     "Progress",
@@ -63,9 +60,6 @@ __all__ = [
     "stop_run",
 ]
 
-LAUNCH_LOG = f"{LOGS}/launch.log"
-LAUNCH_CONFIG = f"{LOGS}/launch.toml"
-LAUNCH_RECORD = f"{LOGS}/launch.json"
 
 STOP_GRACE_S = 20.0
 """Seconds :func:`stop_run` waits after SIGTERM before SIGKILL: a clean stop finishes the current
@@ -120,26 +114,13 @@ def launch_device(config: Config) -> str:
 
 
 def planned_work(config: Config) -> tuple[dict[str, int], dict[str, int]]:
-    """Optimizer steps and scored models per method of ``config``, as the methods are written.
+    """Optimizer steps and scored models per method of ``config``, from each method's declared
+    :class:`~cpift.methods.registry.Plan`, and the base model (under ``"base"``: 0 steps, scored once)."""
+    from .methods import METHODS
 
-    Every model a method trains gets ``train.steps`` steps (the fair budget): ``cpift`` also
-    trains one probe of ``probe.steps`` per task, ``sequential`` trains task A once and then B once
-    per variant, the sparse methods (GaLLoP, SAFT, PaFi) one model per ``sparse.density``, the
-    others one model. Every trained model is scored (``cpift`` its probes too), and the base model
-    (under the key ``"base"``, 0 steps).
-    """
-    from .methods.sparse import SCORE_METHODS
-
-    steps, n_tasks = config.train.steps, len(config.data.tasks)
-    plan_steps, plan_models = {"base": 0}, {"base": 1}
-    for method in config.run.methods:
-        if method == "cpift":
-            plan_steps[method], plan_models[method] = n_tasks * config.probe.steps + steps, n_tasks + 1
-            continue
-        models = (1 + len(config.sequential.methods) if method == "sequential"
-                  else len(config.sparse.density) if method in SCORE_METHODS else 1)
-        plan_steps[method], plan_models[method] = models * steps, models
-    return plan_steps, plan_models
+    plans = {method: METHODS[method].plan(config) for method in config.run.methods}
+    return ({"base": 0, **{m: p.steps for m, p in plans.items()}},
+            {"base": 1, **{m: p.models for m, p in plans.items()}})
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,9 @@ from .atomic import atomic_dir
 from .models import WEIGHTS_FILE, load_model, tiny_llama, tiny_tokenizer
 from .errors import CpiftError
 from .regions import CoreRegions
-from .runs import CHECKPOINTS, LOCK, METRICS_CSV, METRICS_JSON, REGIONS, RunDir, RunLockedError
+from .runs import CHECKPOINTS, EVAL_CACHE, LOCK, METRICS_CSV, METRICS_JSON, REGIONS, RunDir, RunLockedError
 from .runs import METHODS as METHODS_DIR
 from .train import TrainConfig
-
-EVAL_CACHE = "eval_cache.json"
 
 
 def build_tasks(config: Config) -> dict[str, Task]:
@@ -136,7 +134,7 @@ def run_config(
         base_scores = dict(zip(scores[0].task, scores[0].score))
         ctx = Context(config, run, tasks, model, tokenizer, settings, base_scores, resume, progress)
         for method in config.run.methods:
-            for label, trained in METHODS[method](ctx).items():
+            for label, trained in METHODS[method].run(ctx).items():
                 run.set_stage(f"eval/{label}")
                 scores.append(evaluate_model(trained, tokenizer, label, list(tasks.values()), **options))
             write_metrics(run, pd.concat(scores, ignore_index=True))

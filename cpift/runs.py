@@ -6,34 +6,41 @@ written atomically (a temporary file or directory, then a rename, see :mod:`cpif
 reader never sees half an artifact, and a run killed at any moment can be resumed: what
 :meth:`RunDir.exists` reports done is complete.
 
-Layout (paths relative to the run directory; constants of this module in brackets)::
+Layout (paths relative to the run directory; the constant or function of this module that spells
+each in brackets — writers and readers alike use them, nothing else spells a path)::
 
-    manifest.json              [MANIFEST]     format "cpift.run", version, cpift version, created /
-                                              updated times, status, current stage, error, config,
-                                              config_changes (methods added on a resume)
-    run.lock                   [LOCK]         flock-ed by the process working on the run; its PID
-    events.jsonl               [EVENTS]       one JSON object per line, each with "time" (Unix
-                                              seconds) and by convention "event" naming its kind
-    logs/                      [LOGS]         free-form text logs (e.g. logs/pipeline.log)
-    probes/<task>/             [PROBES]       the short probe fine-tune of one task (a model dir)
-    regions/                   [REGIONS]      the saved CoreRegions (cpift.regions format)
-    similarity.json            [SIMILARITY]   task × task Jaccard of the cores
-    groups.json                [GROUPS]       the τ grouping and the stage order
-    fusion/                    [FUSION]       the fused model (a model dir) and its report
-    methods/<method>/final/    [METHODS]      each method's final model (a model dir); beside it
-                                              methods/<method>/eval.json, its scores
-    methods/<m>/masks.npz                     gallop / saft / pafi: the selected elements per density
-    methods/<m>/density-<d>/final/            (bit-packed, key density-<d>) and each density's model
-    methods/epi/masks/step-<n>.npz            EPI: each refreshed protected set (bit-packed), and
-    methods/epi/drift.json                    the Jaccard between consecutive ones (cpift.methods.epi)
-    checkpoints/<job>/step-<n>/ [CHECKPOINTS] resumable training state of one training job
-                                              (a probe, a method or one stage of it)
-    metrics.json               [METRICS_JSON] every score of the run, machine-readable
-    metrics.csv                [METRICS_CSV]  the same as a flat table
+    manifest.json              [MANIFEST]      format "cpift.run", version, cpift version, created /
+                                               updated times, status, current stage, error, config,
+                                               config_changes (methods added on a resume)
+    run.lock                   [LOCK]          flock-ed by the process working on the run; its PID
+    events.jsonl               [EVENTS]        one JSON object per line, each with "time" (Unix
+                                               seconds) and by convention "event" naming its kind
+    logs/launch.log            [LAUNCH_LOG]    a launched run's output (cpift.launch), its config
+    logs/launch.toml           [LAUNCH_CONFIG] as the child read it, and the launch record (PID,
+    logs/launch.json           [LAUNCH_RECORD] command, start time)
+    eval_cache.json            [EVAL_CACHE]    scores by model fingerprint: nothing is scored twice
+    probes/<task>/             [probe_dir]     the probe fine-tune of one task (a model dir)
+    regions/                   [REGIONS]       the saved CoreRegions (cpift.regions format, compact)
+    similarity.json            [SIMILARITY]    task × task Jaccard of the cores
+    groups.json                [GROUPS]        the τ grouping, the stage order, every grouping by τ
+    fusion/                    [FUSION]        the fused model (a model dir)
+    fusion_report.csv          [FUSION_REPORT] the fusion's per-tensor report
+    methods/<method>/final/    [method_final_dir] each method's final model (a model dir)
+    methods/<method>/<file>    [method_file]   a method's own artifacts:
+        multistage/stages.json                 the stages in order
+        <gallop|saft|pafi>/masks.npz           the selected elements per density (bit-packed, key
+        <gallop|saft|pafi>/density-<d>/final/  density-<d>) and each density's model
+        epi/masks/step-<n>.npz [epi_mask]      EPI: each refreshed protected set (bit-packed), and
+        epi/drift.json         [EPI_DRIFT]     the Jaccard between consecutive ones
+    sequential/<model>/        [sequential_dir] the A → B study: after_A, then each variant
+    checkpoints/<job>/step-<n>/ [checkpoint_dir] resumable training state of one training job
+                                               (a probe, a method or one stage of it; the job is
+                                               the stage name with / as _, see checkpoint_root)
+    metrics.json               [METRICS_JSON]  every score of the run, machine-readable
+    metrics.csv                [METRICS_CSV]   the same as a flat table
 
-:func:`probe_dir`, :func:`method_final_dir` and :func:`checkpoint_dir` spell the parameterised
-paths. Method and task names used in paths must be plain names (letters, digits, ``.``, ``_``,
-``-``), so that no name can escape the run directory.
+Method and task names used in paths must be plain names (:mod:`cpift.names`), so that no name can
+escape the run directory.
 
 Status (``manifest["status"]``) is one of :data:`STATUSES`: ``"running"`` while a process works on
 the run, then ``"done"``, ``"failed"`` (with ``error``) or ``"stopped"`` (interrupted by the
@@ -73,11 +80,17 @@ from .names import check_name
 
 __all__ = [
     "CHECKPOINTS",
+    "EPI_DRIFT",
+    "EVAL_CACHE",
     "EVENTS",
     "FORMAT",
     "FORMAT_VERSION",
     "FUSION",
+    "FUSION_REPORT",
     "GROUPS",
+    "LAUNCH_CONFIG",
+    "LAUNCH_LOG",
+    "LAUNCH_RECORD",
     "LOCK",
     "LOGS",
     "MANIFEST",
@@ -86,15 +99,20 @@ __all__ = [
     "METRICS_JSON",
     "PROBES",
     "REGIONS",
+    "SEQUENTIAL",
     "SIMILARITY",
     "STATUSES",
     "RunDir",
     "RunExistsError",
     "RunLockedError",
     "checkpoint_dir",
+    "checkpoint_root",
+    "epi_mask",
     "method_dir",
+    "method_file",
     "method_final_dir",
     "probe_dir",
+    "sequential_dir",
 ]
 
 FORMAT = "cpift.run"
@@ -104,12 +122,18 @@ MANIFEST = "manifest.json"
 LOCK = "run.lock"
 EVENTS = "events.jsonl"
 LOGS = "logs"
+LAUNCH_LOG = f"{LOGS}/launch.log"
+LAUNCH_CONFIG = f"{LOGS}/launch.toml"
+LAUNCH_RECORD = f"{LOGS}/launch.json"
+EVAL_CACHE = "eval_cache.json"
 PROBES = "probes"
 REGIONS = "regions"
 SIMILARITY = "similarity.json"
 GROUPS = "groups.json"
 FUSION = "fusion"
+FUSION_REPORT = "fusion_report.csv"
 METHODS = "methods"
+SEQUENTIAL = "sequential"
 CHECKPOINTS = "checkpoints"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
@@ -173,6 +197,29 @@ def method_dir(method: str) -> str:
 def method_final_dir(method: str) -> str:
     """``methods/<method>/final``: the method's final model."""
     return f"{method_dir(method)}/final"
+
+
+def method_file(method: str, name: str) -> str:
+    """``methods/<method>/<name>``: one of a method's own artifacts (``name`` may have folders)."""
+    return f"{method_dir(method)}/{name}"
+
+
+EPI_DRIFT = method_file("epi", "drift.json")
+
+
+def epi_mask(step: int) -> str:
+    """``methods/epi/masks/step-<step, 6 digits>.npz``: EPI's protected set refreshed at ``step``."""
+    return method_file("epi", f"masks/step-{step:06d}.npz")
+
+
+def sequential_dir(model: str) -> str:
+    """``sequential/<model>``: a model of the A → B study (``after_A`` or a variant's name)."""
+    return f"{SEQUENTIAL}/{check_name(model, 'model')}"
+
+
+def checkpoint_root(stage: str) -> str:
+    """``checkpoints/<job>``: where training ``stage`` (e.g. ``cpift/stage2``) keeps its checkpoints."""
+    return f"{CHECKPOINTS}/{check_name(stage.replace('/', '_'), 'job')}"
 
 
 def checkpoint_dir(job: str, step: int) -> str:

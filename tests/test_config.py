@@ -77,8 +77,8 @@ def test_preset_contents() -> None:
     paper = load_config(CONFIGS / "paper.toml")
     assert paper.model.name == "meta-llama/Llama-2-7b-hf" and paper.model.dtype == "bfloat16"
     assert (paper.cpift.p, paper.cpift.tau, paper.run.device) == (1.0, 0.1, "cuda")
-    assert [d["name"] for d in paper.data.datasets] == list(paper.data.tasks)
-    assert paper.data.datasets[0] == {"name": "gsm8k", "source": "openai/gsm8k", "config": "main",
+    assert [d.name for d in paper.data.datasets] == list(paper.data.tasks)
+    assert paper.data.datasets[0].to_dict() == {"name": "gsm8k", "source": "openai/gsm8k", "config": "main",
                                       "format": "gsm8k", "eval_split": "test"}
 
 
@@ -326,8 +326,8 @@ def test_local_paths_resolve_against_the_config_file(tmp_path: Path, monkeypatch
     config = load_config(folder / "ok.toml")
     assert config.model.name == str(folder / "models" / "m")
     spec = config.data.datasets[0]
-    assert spec["source"] == str(folder / "data" / "math.jsonl")
-    assert spec["scorer"] == "exact" and spec["columns"] == {"prompt": "q", "answer": "a"}  # passed through
+    assert spec.source == str(folder / "data" / "math.jsonl")
+    assert spec.scorer == "exact" and spec.columns == {"prompt": "q", "answer": "a"}  # passed through
     assert load_config(folder / "ok.toml") == parse_config(config.to_dict())
 
     (folder / "empty.toml").write_text(text.format(model="models/empty"))

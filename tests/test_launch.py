@@ -12,7 +12,6 @@ import pytest
 from cpift.config import ConfigError, load_config
 from cpift.errors import CpiftError
 from cpift.launch import (
-    LAUNCH_LOG,
     estimate_cpu_seconds,
     planned_work,
     read_config,
@@ -20,7 +19,7 @@ from cpift.launch import (
     start_run,
     stop_run,
 )
-from cpift.runs import METRICS_JSON, RunDir, RunLockedError
+from cpift.runs import LAUNCH_LOG, METRICS_JSON, RunDir, RunLockedError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = CONFIGS / "tiny.toml"

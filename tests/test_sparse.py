@@ -140,7 +140,7 @@ def context(run_path: Path, overrides: list[str]) -> Context:
 def test_sparse_methods_train_only_their_selection(tmp_path: Path) -> None:
     ctx = context(tmp_path / "run", ['run.methods=["gallop", "pafi"]', "sparse.density=[5, 20]",
                                      "train.weight_decay=0.1", "sparse.grad_examples=6"])
-    models = METHODS["gallop"](ctx)
+    models = METHODS["gallop"].run(ctx)
     assert list(models) == ["gallop@5", "gallop@20"]
     # The other configured method's masks came from the same pass; saft is not configured.
     assert (ctx.run.path / "methods/pafi/masks.npz").is_file()
@@ -165,7 +165,7 @@ def test_sparse_methods_train_only_their_selection(tmp_path: Path) -> None:
             assert torch.equal(before[~mask], after[~mask]), name
             moved += int((before[mask] != after[mask]).sum())
         assert moved > 0
-    pafi = METHODS["pafi"](ctx)
+    pafi = METHODS["pafi"].run(ctx)
     assert list(pafi) == ["pafi@5", "pafi@20"]
     _, pafi_masks, _ = load_packed(ctx.run.path / "methods/pafi/masks.npz")
     expected = sparse_mask(params, None, 5, "pafi")
@@ -175,7 +175,7 @@ def test_sparse_methods_train_only_their_selection(tmp_path: Path) -> None:
 def test_density_selecting_nothing_is_refused(tmp_path: Path) -> None:
     ctx = context(tmp_path / "run", ['run.methods=["pafi"]', "sparse.density=0.001"])
     with pytest.raises(ParameterError, match="selects no element"):
-        METHODS["pafi"](ctx)
+        METHODS["pafi"].run(ctx)
     assert np.all(load_packed(ctx.run.path / "methods/pafi/masks.npz")[1]["density-0.001"] == 0)
 
 

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 from common import pick_run, show_error
 
-from cpift.methods.epi import DRIFT
+from cpift.runs import EPI_DRIFT
 from cpift.plots import drift_figure
 
 st.title("Importance drift")
@@ -17,7 +17,7 @@ st.caption("EPI re-selects the protected set — the top p% of an exponential mo
 run = pick_run()
 if run is not None:
     try:
-        drift = run.read_json(DRIFT, default=None)
+        drift = run.read_json(EPI_DRIFT, default=None)
         if drift is None:
             st.info(f"{run.path.name} has no EPI run ({DRIFT} is missing): add \"epi\" to run.methods.")
         elif not drift["refreshes"]:

@@ -72,10 +72,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from cpift.data import scoring
 from cpift.data.embedded import EMBEDDED_TASKS, derive_rng, embedded_task
+from cpift.data.spec import CUSTOM_ROLES, DatasetSpec
 from cpift.data.tasks import Example, Message, Scorer, Task
 from cpift.errors import CpiftError, ParameterError
+from cpift.settings import config_error
+from cpift.sources import looks_like_path
 
 __all__ = ["CUSTOM_SCORERS", "DATA_SUFFIXES", "FORMATS", "SPEC_KEYS", "load_task", "read_rows"]
 
@@ -84,11 +89,7 @@ _log = logging.getLogger(__name__)
 FORMATS: tuple[str, ...] = ("gsm8k", "codealpaca", "logiqa", "alpaca", "ultrachat", "custom")
 """Dataset schemas :func:`load_task` understands."""
 
-SPEC_KEYS: frozenset[str] = frozenset({
-    "name", "source", "format", "config", "split", "train_split", "eval_split", "eval_source",
-    "n_train", "n_eval", "seed", "columns", "scorer", "family", "description", "system", "max_turns",
-    "eval_task",
-})
+SPEC_KEYS: frozenset[str] = frozenset(DatasetSpec.model_fields)
 """Keys a spec may hold."""
 
 DATA_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet", ".csv")
@@ -103,7 +104,6 @@ CUSTOM_SCORERS: dict[str, tuple[Scorer, str]] = {
 }
 """``scorer`` names of a ``custom`` spec → (scorer, metric)."""
 
-_CUSTOM_COLUMNS = ("prompt", "answer", "target", "system")
 _LETTERS = "ABCDEFGHIJ"
 
 
@@ -184,13 +184,8 @@ class _Table:
 
 
 def _looks_local(source: str) -> bool:
-    return (
-        Path(source).expanduser().exists()
-        or source.lower().endswith(DATA_SUFFIXES)
-        or source.startswith(("/", ".", "~"))
-        or "\\" in source
-        or source.count("/") > 1
-    )
+    """Whether a spec's source is a local file or directory rather than a hub id ``org/name``."""
+    return Path(source).expanduser().exists() or looks_like_path(source)
 
 
 def _table_from_rows(rows: list[dict[str, Any]], label: str) -> _Table:
@@ -213,7 +208,9 @@ def _open(source: str, split: str, config: str | None, key: str, split_key: str,
                 f"{', '.join(present) or 'no data files'}"
             )
         if not path.exists():
-            raise CpiftError(f"dataset file {str(path)!r} (spec key {key!r}) does not exist")
+            raise CpiftError(
+                f"dataset file {str(path)!r} (spec key {key!r}) does not exist (a hub dataset is named 'org/name')"
+            )
         if split_given and split != "train":
             raise ParameterError(
                 f"spec key {split_key!r} = {split!r}: the single file {str(path)!r} has no splits; "
@@ -390,27 +387,6 @@ _FORMATS: dict[str, _Format] = {
 # ==============================================================================================
 
 
-def _count(spec: Mapping[str, Any], key: str, default: int | None, allow_none: bool) -> int | None:
-    value = spec.get(key, default)
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ParameterError(f"spec key {key!r} must be a non-negative integer{' or null' if allow_none else ''}, "
-                             f"got {value!r}")
-    return value
-
-
-def _string(spec: Mapping[str, Any], key: str, required: bool = False) -> str | None:
-    value = spec.get(key)
-    if value is None and not required:
-        return None
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if not isinstance(value, str) or not value.strip():
-        raise ParameterError(f"spec key {key!r} must be a non-empty string, got {value!r}")
-    return value.strip()
-
-
 @dataclass(frozen=True)
 class _Plan:
     name: str
@@ -428,58 +404,26 @@ class _Plan:
     eval_task: str | None
 
 
-def _validate(spec: Mapping[str, Any]) -> _Plan:
-    if not isinstance(spec, Mapping):
-        raise ParameterError(f"a task spec must be a mapping, got {type(spec).__name__}")
-    unknown = sorted(set(spec) - SPEC_KEYS)
-    if unknown:
-        raise ParameterError(f"unknown spec key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(SPEC_KEYS))}")
-    name = _string(spec, "name", required=True)
-    source = _string(spec, "source", required=True)
-    fmt = _string(spec, "format", required=True)
-    if fmt not in _FORMATS:
-        raise ParameterError(f"spec key 'format' = {fmt!r} is not one of {', '.join(FORMATS)}")
-    if "split" in spec and "train_split" in spec:
-        raise ParameterError("spec keys 'split' and 'train_split' are aliases; give only one")
-    split_key = "train_split" if "train_split" in spec else "split"
-    train_split = _string(spec, split_key) or "train"
-    eval_source = _string(spec, "eval_source")
-    eval_split = _string(spec, "eval_split")
-    if eval_source is not None and eval_split is None:
-        eval_split = "train" if _looks_local(eval_source) else "test"
-    eval_task = _string(spec, "eval_task")
-    if eval_task is not None:
-        if eval_task not in EMBEDDED_TASKS:
-            raise ParameterError(f"spec key 'eval_task' = {eval_task!r} is not an embedded task: {', '.join(EMBEDDED_TASKS)}")
-        if eval_split is not None or eval_source is not None:
-            raise ParameterError("spec key 'eval_task' replaces the evaluation data: drop 'eval_split' / 'eval_source'")
-    seed = spec.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ParameterError(f"spec key 'seed' must be an integer, got {seed!r}")
-    if fmt == "custom":
-        columns = spec.get("columns")
-        if not isinstance(columns, Mapping) or not all(isinstance(columns.get(k), str) for k in ("prompt", "answer")):
-            raise ParameterError("a 'custom' spec needs 'columns' mapping at least 'prompt' and 'answer' to column names")
-        extra = sorted(set(columns) - set(_CUSTOM_COLUMNS))
-        if extra:
-            raise ParameterError(f"spec key 'columns' has unknown role(s) {', '.join(map(repr, extra))}; "
-                                 f"known: {', '.join(_CUSTOM_COLUMNS)}")
-        if "scorer" in spec and spec["scorer"] not in CUSTOM_SCORERS:
-            raise ParameterError(f"spec key 'scorer' = {spec['scorer']!r} is not one of {', '.join(CUSTOM_SCORERS)}")
-    else:
-        for key in ("columns", "scorer"):
-            if key in spec:
-                raise ParameterError(f"spec key {key!r} is only for format 'custom' (this spec's format is {fmt!r})")
-    if "max_turns" in spec and (fmt != "ultrachat" or _count(spec, "max_turns", None, True) == 0):
-        raise ParameterError("spec key 'max_turns' is for format 'ultrachat' only, and must be a positive integer")
-    for key in ("family", "description", "system"):
-        _string(spec, key)
-    return _Plan(
-        name=name, source=source, fmt=fmt, config=_string(spec, "config"), train_split=train_split,
-        split_key=split_key, split_given=split_key in spec, eval_source=eval_source, eval_split=eval_split,
-        n_train=_count(spec, "n_train", 64, True), n_eval=_count(spec, "n_eval", 32, False), seed=seed,
-        eval_task=eval_task,
+def _validate(raw: Mapping[str, Any]) -> tuple[_Plan, dict[str, Any]]:
+    """The plan of a spec, and the spec as a checked plain dict (:class:`DatasetSpec`)."""
+    if not isinstance(raw, Mapping):
+        raise ParameterError(f"a task spec must be a mapping, got {type(raw).__name__}")
+    try:
+        checked = DatasetSpec.model_validate(dict(raw))
+    except ValidationError as exc:
+        error = config_error(exc, DatasetSpec)
+        raise ParameterError(f"spec key {error.key!r}: {error.reason}" if error.key else error.reason) from None
+    split_key = "train_split" if checked.train_split is not None else "split"
+    eval_split = checked.eval_split
+    if checked.eval_source is not None and eval_split is None:
+        eval_split = "train" if _looks_local(checked.eval_source) else "test"
+    plan = _Plan(
+        name=checked.name, source=checked.source, fmt=checked.format, config=checked.config,
+        train_split=getattr(checked, split_key) or "train", split_key=split_key,
+        split_given=getattr(checked, split_key) is not None, eval_source=checked.eval_source, eval_split=eval_split,
+        n_train=checked.n_train, n_eval=checked.n_eval, seed=checked.seed, eval_task=checked.eval_task,
     )
+    return plan, checked.model_dump(exclude_none=True)
 
 
 def _check_columns(table: _Table, fmt: str, spec: Mapping[str, Any], key: str) -> None:
@@ -487,7 +431,7 @@ def _check_columns(table: _Table, fmt: str, spec: Mapping[str, Any], key: str) -
         raise CpiftError(f"dataset {table.label} (spec key {key!r}) is empty")
     if fmt == "custom":
         columns = spec["columns"]
-        needed = {(role, columns[role]) for role in _CUSTOM_COLUMNS if columns.get(role)}
+        needed = {(role, columns[role]) for role in CUSTOM_ROLES if columns.get(role)}
     elif fmt == "ultrachat":
         if not {"messages", "data"} & table.columns:
             raise CpiftError(f"dataset {table.label} (spec key {key!r}) has no column 'messages' or 'data' "
@@ -505,7 +449,7 @@ def _check_columns(table: _Table, fmt: str, spec: Mapping[str, Any], key: str) -
 def _examples(table: _Table, order: Sequence[int], spec: Mapping[str, Any], plan: _Plan, split: str,
               skipped: dict[str, int]) -> Iterator[Example]:
     convert = _FORMATS[plan.fmt].convert
-    system = _string(spec, "system")
+    system = spec.get("system")
     for index in order:
         row = table.get(index)
         try:
@@ -555,7 +499,7 @@ def load_task(spec: Mapping[str, Any]) -> Task:
         CpiftError: a missing or unreadable file, an empty dataset, a missing column, a dataset
             with no usable row, or a hub failure, naming the file or dataset and the spec key.
     """
-    plan = _validate(spec)
+    plan, spec = _validate(spec)
     fmt = _FORMATS[plan.fmt]
     rng = derive_rng(f"load_task|{plan.source}|{plan.config}|{plan.train_split}", plan.seed)
 
@@ -598,14 +542,14 @@ def load_task(spec: Mapping[str, Any]) -> Task:
     if plan.fmt == "custom":
         default = "exact" if spec["columns"].get("target") else "none"
         score, metric = CUSTOM_SCORERS[spec.get("scorer", default)]
-    description = _string(spec, "description") or fmt.description
+    description = spec.get("description") or fmt.description
     if plan.eval_task is not None:
         evaluator = embedded_task(plan.eval_task, n_train=0, n_eval=plan.n_eval, seed=plan.seed)
         eval_examples, score, metric = list(evaluator.eval), evaluator.score, evaluator.metric
         description += f" Evaluated on the embedded task {plan.eval_task!r} ({metric})."
     return Task(
         name=plan.name,
-        family=_string(spec, "family") or fmt.family,
+        family=spec.get("family") or fmt.family,
         train=tuple(train_examples),
         eval=tuple(eval_examples),
         score=score,

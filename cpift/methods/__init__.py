@@ -1,25 +1,13 @@
-"""The fine-tuning methods, each a ``run(ctx) -> {label: model}`` over a shared :class:`Context`."""
+"""The fine-tuning methods. Each module declares its methods — settings section, runner, plan — and
+registers them in :data:`~cpift.methods.registry.METHODS` when imported (see
+:mod:`cpift.methods.registry` for adding one)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
-
-import torch
-
-from . import cpift, epi, lora, multistage, multitask, sequential, sparse
+# Importing a method's module registers it; this line's order is the registry's (and the config's
+# sections') order, so it is kept by hand rather than sorted.
+from . import cpift, multitask, multistage, sequential, lora, epi, sparse  # noqa: F401, I001
 from .common import Context
+from .registry import METHODS, Method, Plan, register
 
-METHODS: dict[str, Callable[[Context], dict[str, torch.nn.Module]]] = {
-    "cpift": cpift.run,
-    "multitask": multitask.run,
-    "multistage": multistage.run,
-    "sequential": sequential.run,
-    "lora": lora.run_lora,
-    "dora": lora.run_dora,
-    "epi": epi.run,
-    **{method: partial(sparse.run, method=method) for method in sparse.SCORE_METHODS},
-}
-"""Method name (as in a config's ``run.methods``) → its runner."""
-
-__all__ = ["METHODS", "Context"]
+__all__ = ["METHODS", "Context", "Method", "Plan", "register"]

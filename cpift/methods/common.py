@@ -14,14 +14,17 @@ import random
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import Config
 from ..data.tasks import Example, Task
 from ..models import WEIGHTS_FILE, load_weights, save_weights
-from ..runs import CHECKPOINTS, RunDir
+from ..runs import RunDir, checkpoint_root
 from ..train import TrainConfig, TrainHook, train
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 @dataclass
@@ -77,7 +80,7 @@ class Context:
     ) -> torch.nn.Module:
         """Train ``model`` in place for ``steps`` optimizer steps; events and checkpoints go to the run."""
         settings = dataclasses.replace(self.train_config, steps=steps, **({"lr": lr} if lr else {}))
-        checkpoint_dir = self.run.path / CHECKPOINTS / stage.replace("/", "_")
+        checkpoint_dir = self.run.path / checkpoint_root(stage)
         self._stage_checkpoints.append(checkpoint_dir)
         self.run.set_stage(stage)
         train(model, self.tokenizer, examples, settings, frozen=frozen, stage=stage, checkpoint_dir=checkpoint_dir,
@@ -98,3 +101,27 @@ class Context:
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)
         self._stage_checkpoints.clear()
         return model
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """``total`` items (steps, tasks) split as evenly as possible into ``parts``, the larger first."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def stage_tasks(
+    tasks: Sequence[str], k: int, order: str, seed: int, base_scores: Mapping[str, float] | None = None
+) -> list[list[str]]:
+    """The tasks in stage order, split into ``min(k, len(tasks))`` contiguous stages."""
+    ordered = list(tasks)
+    if order == "random":
+        random.Random(seed).shuffle(ordered)
+    else:  # heuristic: best-scored by the base first; ties keep the config order
+        scores = base_scores or {}
+        ordered.sort(key=lambda t: -scores.get(t, 0.0))
+    k = min(k, len(ordered))
+    sizes = split_evenly(len(ordered), k)
+    stages, start = [], 0
+    for size in sizes:
+        stages.append(ordered[start : start + size])
+        start += size
+    return stages

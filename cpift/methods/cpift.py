@@ -15,15 +15,54 @@ optimizer-step budget as every other method.
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 import numpy as np
 import torch
+from pydantic import Field
 
-from ..fusion import fuse
-from ..grouping import group_tasks, groupings_by_tau, stage_order
+from ..fusion import FOLDS, OVERLAP_RULES, fuse
+from ..grouping import STAGE_ORDERS, group_tasks, groupings_by_tau, stage_order
 from ..masks import unpack_all
 from ..regions import CoreRegions, core_regions
-from .common import Context
-from .multistage import split_evenly
+from ..runs import FUSION, FUSION_REPORT, GROUPS, REGIONS, SIMILARITY, method_final_dir, probe_dir
+from ..settings import ConfigError, Float, Section, choice
+from .common import Context, split_evenly
+from .registry import Method, Plan, register
+
+FUSION_BASES = ("pretrained", "last_stage")
+
+
+class CpiftSettings(Section):
+    """``[cpift]``: core size ``p`` (percent of all parameters), grouping threshold ``tau`` on the
+    Jaccard overlap, stage ``order`` of the groups, SLERP factor ``omega``, the ``overlap`` rule for
+    an element in several cores, how several task models are SLERP-ed (``fold``), the fusion's
+    base, and the consolidation sample per task (default ``data.n_train``).
+
+    ``fusion_base``: the paper fuses into "the model of the last fine-tuning stage", which is
+    ambiguous (no stage has run when fusion happens in its own pipeline figure). The default
+    ``"pretrained"`` starts from the pretrained base θ⁽⁰⁾, the reading that keeps the fusion
+    independent of any stage order and equal to the task-vector merge literature;
+    ``"last_stage"`` starts from the probe of the task that trains last.
+    """
+
+    p: Float = Field(1.0, gt=0, le=100)
+    tau: Float = Field(0.1, ge=0, le=1)
+    order: Annotated[str, choice(tuple(STAGE_ORDERS))] = "random"
+    omega: Float = Field(0.5, ge=0, le=1)
+    overlap: Annotated[str, choice(tuple(OVERLAP_RULES))] = "max_delta"
+    fold: Annotated[str, choice(tuple(FOLDS))] = "mean"
+    fusion_base: Annotated[str, choice(FUSION_BASES)] = "pretrained"
+    samples_per_task: int | None = Field(None, ge=1)
+
+    def resolve(self, config: Any) -> CpiftSettings:
+        n_train = config.data.n_train
+        if self.samples_per_task is None:
+            return self.model_copy(update={"samples_per_task": n_train})
+        if self.samples_per_task > n_train:
+            raise ConfigError("cpift.samples_per_task", f"{self.samples_per_task} is more than data.n_train "
+                              f"({n_train}): the consolidation sample is drawn from each task's training data")
+        return self
 
 
 def probes(ctx: Context) -> dict[str, torch.nn.Module]:
@@ -31,7 +70,7 @@ def probes(ctx: Context) -> dict[str, torch.nn.Module]:
     settings = ctx.config.probe
     return {
         task: ctx.cached_model(
-            f"probes/{task}",
+            probe_dir(task),
             lambda task=task: ctx.train_stage(ctx.fresh_base(), ctx.examples([task], seed=ctx.config.run.seed),
                                               f"probe/{task}", settings.steps, lr=settings.lr),
         )
@@ -41,7 +80,7 @@ def probes(ctx: Context) -> dict[str, torch.nn.Module]:
 
 def regions_of(ctx: Context, tuned: dict[str, torch.nn.Module]) -> CoreRegions:
     """The probes' core regions at p, saved once under ``regions/``."""
-    path = ctx.run.path / "regions"
+    path = ctx.run.path / REGIONS
     if (path / "manifest.json").is_file():
         return CoreRegions.load(path)
     regions = core_regions(ctx.base_model, tuned, p=ctx.config.cpift.p, progress=ctx.progress)
@@ -66,8 +105,8 @@ def run(ctx: Context) -> dict[str, torch.nn.Module]:
     similarity = regions.jaccard()
     groups = group_tasks(similarity, settings.tau)
     stages = stage_order(groups, settings.order, similarity, seed=ctx.config.run.seed)
-    ctx.run.write_json("similarity.json", {"tasks": list(similarity.index), "jaccard": similarity.to_numpy().tolist()})
-    ctx.run.write_json("groups.json", {
+    ctx.run.write_json(SIMILARITY, {"tasks": list(similarity.index), "jaccard": similarity.to_numpy().tolist()})
+    ctx.run.write_json(GROUPS, {
         "tau": settings.tau, "order": settings.order, "groups": groups, "stages": stages,
         "groupings_by_tau": [{"tau_min": g.tau_min, "tau_max": g.tau_max, "groups": [list(x) for x in g.groups]}
                              for g in groupings_by_tau(similarity)],
@@ -79,11 +118,11 @@ def run(ctx: Context) -> dict[str, torch.nn.Module]:
                      progress=ctx.progress)
         model = ctx.fresh_base()
         model.load_state_dict(state, strict=False)
-        state.report.to_csv(ctx.run.path_for("fusion_report.csv"), index=False)
+        state.report.to_csv(ctx.run.path_for(FUSION_REPORT), index=False)
         return model
 
     def consolidated() -> torch.nn.Module:
-        model = ctx.cached_model("fusion", fused_model)
+        model = ctx.cached_model(FUSION, fused_model)
         done: list[str] = []
         for i, (group, steps) in enumerate(zip(stages, split_evenly(ctx.steps, len(stages)))):
             frozen = frozen_union(regions, done) if done else None
@@ -92,5 +131,11 @@ def run(ctx: Context) -> dict[str, torch.nn.Module]:
             done.extend(group)
         return model
 
-    final = ctx.cached_model("methods/cpift/final", consolidated)
+    final = ctx.cached_model(method_final_dir("cpift"), consolidated)
     return {**{f"probe:{task}": model for task, model in tuned.items()}, "cpift": final}
+
+
+register(Method(
+    "cpift", run, "probes per task → core regions at p → Jaccard groups at τ → fusion → consolidation over the "
+    "groups with earlier cores frozen", "cpift", CpiftSettings,
+    plan=lambda c: Plan(len(c.data.tasks) * c.probe.steps + c.train.steps, len(c.data.tasks) + 1)))

@@ -24,18 +24,18 @@ so a resumed run continues bit-identically.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 
 from ..masks import save_packed
-from ..runs import RunDir
-from ..sparse import ImportanceTracker
+from ..runs import EPI_DRIFT, RunDir, epi_mask, method_dir, method_final_dir
+from ..settings import Float, Section, choice
+from ..sparse import NORMALISATIONS, ImportanceTracker
 from ..train import TrainHook
-from .common import Context
-from .multistage import split_evenly, stage_tasks
-
-DRIFT = "methods/epi/drift.json"
+from .common import Context, split_evenly, stage_tasks
+from .registry import Method, register
 
 
 class EpiHook(TrainHook):
@@ -62,16 +62,16 @@ class EpiHook(TrainHook):
 
     def refresh(self, at: int) -> dict[str, torch.Tensor] | None:
         """Re-select the protected set at run-wide step ``at``; save it and the drift curve."""
-        relpath = f"masks/step-{at:06d}.npz"
-        self.tracker.refresh(at, stage=self.stage, file=relpath)
-        save_packed(self.run.path_for(f"methods/epi/{relpath}"), {"protected": self.tracker.protected},
+        relpath = epi_mask(at)
+        self.tracker.refresh(at, stage=self.stage, file=relpath.removeprefix(method_dir("epi") + "/"))
+        save_packed(self.run.path_for(relpath), {"protected": self.tracker.protected},
                     self.tracker.layout, {"step": str(at), "p": repr(self.tracker.p)})
         self.write_drift()
         return self.tracker.frozen()
 
     def write_drift(self) -> None:
         """Write ``drift.json`` from the tracker's history."""
-        self.run.write_json(DRIFT, {**self.info, "numel": self.tracker.layout.numel, "k": self.tracker.k,
+        self.run.write_json(EPI_DRIFT, {**self.info, "numel": self.tracker.layout.numel, "k": self.tracker.k,
                                     "refreshes": self.tracker.history})
 
     def frozen(self) -> dict[str, torch.Tensor] | None:
@@ -113,4 +113,20 @@ def run(ctx: Context) -> dict[str, torch.nn.Module]:
         hook.write_drift()
         return model
 
-    return {"epi": ctx.cached_model("methods/epi/final", build)}
+    return {"epi": ctx.cached_model(method_final_dir("epi"), build)}
+
+
+class EpiSettings(Section):
+    """``[epi]``: the protected share ``p`` (percent of all parameters), the refresh ``interval``
+    R in optimizer steps (and at every stage boundary), the EMA factor ``beta`` of the squared
+    gradients, and the group whose mean importance divides an element's (``normalise``). The
+    stages are multistage's (``multistage.k``, ``.order``)."""
+
+    p: Float = Field(1.0, gt=0, le=100)
+    interval: int = Field(10, ge=1)
+    beta: Float = Field(0.9, ge=0, lt=1)
+    normalise: Annotated[str, choice(tuple(NORMALISATIONS))] = "tensor"
+
+
+register(Method("epi", run, "multistage's stages with the EMA-importance top p% refreshed and frozen exactly",
+                "epi", EpiSettings))

@@ -21,16 +21,39 @@ fine-tuning). No bias is trained.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import Field
 
-from ..config import ConfigError
 from ..errors import CpiftError
+from ..runs import method_final_dir
+from ..settings import ConfigError, Float, Names, Section
 from .common import Context
+from .registry import Method, register
 
 if TYPE_CHECKING:
     import peft
+
+
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_LR_FACTOR = 10.0  # lora.lr defaults to this × train.lr
+
+
+class LoraSettings(Section):
+    """``[lora]``: the LoRA and DoRA adapters: rank r, scaling numerator alpha (the update is
+    (alpha / rank) · B·A), dropout on the adapter's input, the module names (last component) that
+    get adapters — by default a Llama's attention and MLP projections — and the learning rate
+    (default ``LORA_LR_FACTOR`` × ``train.lr``)."""
+
+    rank: int = Field(8, ge=1)
+    alpha: Float = Field(16.0, gt=0)
+    dropout: Float = Field(0.05, ge=0, lt=1)
+    target_modules: Names = LORA_TARGETS
+    lr: Float | None = Field(None, gt=0)
+
+    def resolve(self, config: Any) -> LoraSettings:
+        return self if self.lr is not None else self.model_copy(update={"lr": LORA_LR_FACTOR * config.train.lr})
 
 
 def _peft() -> ModuleType:
@@ -87,7 +110,7 @@ def train_adapters(ctx: Context, method: str, use_dora: bool) -> dict[str, torch
         ctx.train_stage(model, examples, method, ctx.steps, lr=ctx.config.lora.lr)
         return model.merge_and_unload(safe_merge=True)
 
-    return {method: ctx.cached_model(f"methods/{method}/final", build)}
+    return {method: ctx.cached_model(method_final_dir(method), build)}
 
 
 def run_lora(ctx: Context) -> dict[str, torch.nn.Module]:
@@ -98,3 +121,9 @@ def run_lora(ctx: Context) -> dict[str, torch.nn.Module]:
 def run_dora(ctx: Context) -> dict[str, torch.nn.Module]:
     """The DoRA baseline (weight-decomposed adapters, merged)."""
     return train_adapters(ctx, "dora", use_dora=True)
+
+
+register(Method("lora", run_lora, "LoRA adapters (peft) on the multitask mixture, merged before saving",
+                "lora", LoraSettings))
+register(Method("dora", run_dora, "DoRA (LoRA with a trained magnitude per output row), merged likewise",
+                "lora", LoraSettings))

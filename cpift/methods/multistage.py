@@ -8,45 +8,40 @@ heuristic). The step budget is split evenly over the stages, the remainder to th
 
 from __future__ import annotations
 
-import random
-from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
 
 import torch
 
-from .common import Context
+from pydantic import Field
+
+from ..runs import method_file, method_final_dir
+from ..settings import ConfigError, Section, choice
+from .common import Context, split_evenly, stage_tasks
+from .registry import Method, register
 
 ORDERS = ("random", "heuristic")
 
 
-def split_evenly(total: int, parts: int) -> list[int]:
-    """``total`` items (steps, tasks) split as evenly as possible into ``parts``, the larger first."""
-    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+class MultistageSettings(Section):
+    """``[multistage]``: the multi-stage SFT baseline (EPI trains the same stages)."""
 
+    k: int | None = Field(None, ge=1)  # default: min(3, number of tasks)
+    order: Annotated[str, choice(ORDERS)] = "random"
 
-def stage_tasks(
-    tasks: Sequence[str], k: int, order: str, seed: int, base_scores: Mapping[str, float] | None = None
-) -> list[list[str]]:
-    """The tasks in stage order, split into ``min(k, len(tasks))`` contiguous stages."""
-    ordered = list(tasks)
-    if order == "random":
-        random.Random(seed).shuffle(ordered)
-    else:  # heuristic: best-scored by the base first; ties keep the config order
-        scores = base_scores or {}
-        ordered.sort(key=lambda t: -scores.get(t, 0.0))
-    k = min(k, len(ordered))
-    sizes = split_evenly(len(ordered), k)
-    stages, start = [], 0
-    for size in sizes:
-        stages.append(ordered[start : start + size])
-        start += size
-    return stages
+    def resolve(self, config: Any) -> MultistageSettings:
+        n = len(config.data.tasks)
+        if self.k is None:
+            return self.model_copy(update={"k": min(3, n)})
+        if self.k > n:
+            raise ConfigError("multistage.k", f"{self.k} stages for {n} task(s) in data.tasks; k must be at most {n}")
+        return self
 
 
 def run(ctx: Context) -> dict[str, torch.nn.Module]:
     """Train the stages in order on one model, no parameter frozen."""
     settings = ctx.config.multistage
     stages = stage_tasks(list(ctx.tasks), settings.k, settings.order, ctx.config.run.seed, ctx.base_scores)
-    ctx.run.write_json("methods/multistage/stages.json", {"order": settings.order, "stages": stages})
+    ctx.run.write_json(method_file("multistage", "stages.json"), {"order": settings.order, "stages": stages})
 
     def build() -> torch.nn.Module:
         model = ctx.fresh_base()
@@ -54,4 +49,8 @@ def run(ctx: Context) -> dict[str, torch.nn.Module]:
             ctx.train_stage(model, ctx.examples(names, seed=ctx.config.run.seed + i), f"multistage/stage{i + 1}", steps)
         return model
 
-    return {"multistage": ctx.cached_model("methods/multistage/final", build)}
+    return {"multistage": ctx.cached_model(method_final_dir("multistage"), build)}
+
+
+register(Method("multistage", run, "K stages in random (seeded) or heuristic order, nothing frozen",
+                "multistage", MultistageSettings))

@@ -27,16 +27,22 @@ gives the in-distribution vs out-of-distribution view across densities of the Ga
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from ..errors import ParameterError
 from ..masks import Layout, load_packed, popcount, save_packed, unpack_all
-from ..selection import top_percent
+from ..runs import method_file
+from ..selection import SCOPES, top_percent
+from ..settings import Float, Section, choice, numbers
 from ..sparse import NEEDS_GRADIENT, sparse_scores
 from ..train import estimate_gradients
 from .common import Context
+from .registry import Method, Plan, register
 
 SCORE_METHODS = ("gallop", "saft", "pafi")
 """The sparse methods; each is named after its score in :data:`cpift.sparse.SCORES`."""
@@ -52,7 +58,7 @@ def _density_key(density: float) -> str:
 
 
 def _masks_relpath(method: str) -> str:
-    return f"methods/{method}/masks.npz"
+    return method_file(method, "masks.npz")
 
 
 def subset_size(n: int, fraction: float, count: int) -> int:
@@ -112,5 +118,27 @@ def run(ctx: Context, method: str) -> dict[str, torch.nn.Module]:
             examples = ctx.examples(tasks, seed=ctx.config.run.seed)
             return ctx.train_stage(model, examples, f"{method}/{key}", ctx.steps, frozen=frozen)
 
-        models[label(method, density)] = ctx.cached_model(f"methods/{method}/{key}/final", build)
+        models[label(method, density)] = ctx.cached_model(method_file(method, f"{key}/final"), build)
     return models
+
+
+Densities = numbers(gt=0, le=100)
+
+
+class SparseSettings(Section):
+    """``[sparse]``: the percent(s) of all parameters trained (one model per density, labelled
+    METHOD@DENSITY), the share of the training mixture the gradient is averaged over
+    (``grad_fraction``, or ``grad_examples`` examples when ≥ 1), and whether the top density% is
+    taken over the model or per tensor (``scope``)."""
+
+    density: Densities = (1.0,)
+    grad_fraction: Float = Field(1.0, gt=0, le=1)
+    grad_examples: int = Field(0, ge=0)
+    scope: Annotated[str, choice(SCOPES)] = "global"
+
+
+_SUMMARIES = {"gallop": "GaLLoP: trains the top density% by |g| / (|θ| + 1e-8), the rest frozen exactly",
+              "saft": "SAFT: trains the top density% by |g|", "pafi": "PaFi: trains the smallest density% by |θ|"}
+for _name in SCORE_METHODS:
+    register(Method(_name, partial(run, method=_name), _SUMMARIES[_name], "sparse", SparseSettings,
+                    plan=lambda c: Plan(len(c.sparse.density) * c.train.steps, len(c.sparse.density))))
