@@ -15,13 +15,14 @@ loop (:func:`cpift.train.train`) use it: one class, one set of defaults.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, validate_call
 
 from .errors import ParameterError
 from .names import check_name
@@ -41,6 +42,7 @@ __all__ = [
     "names_of",
     "numbers",
     "suggest",
+    "validated",
 ]
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
@@ -162,8 +164,8 @@ class _FieldError(ConfigError):
     unknown = False  # an unknown key, to be named again by the enclosing model
 
 
-def config_error(exc: ValidationError, model: type[BaseModel], *, error_type: type[ConfigError] = ConfigError
-                 ) -> ConfigError:
+def config_error(exc: ValidationError, model: type[BaseModel] | None = None, *,
+                 error_type: type[ConfigError] = ConfigError) -> ConfigError:
     """The first error of a failed validation of ``model`` as one :class:`ConfigError` naming its
     key path, in cpift's words."""
     error = exc.errors(include_url=False)[0]
@@ -176,7 +178,7 @@ def config_error(exc: ValidationError, model: type[BaseModel], *, error_type: ty
         return error_type(".".join(filter(None, (_key_path(loc), cause.key))), cause.reason)
     if isinstance(cause, ConfigError) and cause.key is not None:
         return cause  # raised with its full key path by a cross-section check
-    if error["type"] == "extra_forbidden":
+    if error["type"] == "extra_forbidden" and model is not None:
         unknown = _unknown_key(model, loc)
         named = error_type(unknown.key, unknown.reason)
         named.unknown = True
@@ -256,6 +258,21 @@ def numbers(**bounds: float) -> Any:
     is a list of one."""
     return Annotated[tuple[Annotated[float, Field(allow_inf_nan=False, **bounds)], ...],
                      BeforeValidator(_one_or_many), Field(strict=False, min_length=1), AfterValidator(_distinct)]
+
+
+def validated(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` with its arguments checked against its annotations (pydantic's
+    ``validate_call``, strict); a bad argument raises :class:`ConfigError` naming it."""
+    checked = validate_call(config=ConfigDict(strict=True))(function)
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return checked(*args, **kwargs)
+        except ValidationError as exc:
+            raise config_error(exc) from None
+
+    return call
 
 
 class Section(BaseModel):

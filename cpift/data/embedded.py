@@ -52,11 +52,14 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from cpift.data import scoring
 from cpift.data.tasks import Example, Scorer, Task
 from cpift.errors import ParameterError
+from cpift.settings import validated
 
 __all__ = ["CONFLICTING_PAIRS", "EMBEDDED_TASKS", "derive_rng", "embedded_task", "is_embedded_task"]
 
@@ -539,13 +542,9 @@ def is_embedded_task(name: object) -> bool:
     return isinstance(name, str) and name in _SPECS
 
 
-def _check_count(value: object, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ParameterError(f"{key} must be a non-negative integer, got {value!r}")
-    return value
-
-
-def embedded_task(name: str, n_train: int = 64, n_eval: int = 32, seed: int = 0) -> Task:
+@validated
+def embedded_task(name: str, n_train: Annotated[int, Field(ge=0)] = 64, n_eval: Annotated[int, Field(ge=0)] = 32,
+                  seed: int = 0) -> Task:
     """One task of the embedded suite (see the module docstring for the tasks).
 
     Args:
@@ -563,10 +562,6 @@ def embedded_task(name: str, n_train: int = 64, n_eval: int = 32, seed: int = 0)
     spec = _SPECS.get(name) if isinstance(name, str) else None
     if spec is None:
         raise ParameterError(f"unknown embedded task {name!r}; known: {', '.join(EMBEDDED_TASKS)}")
-    n_train = _check_count(n_train, "n_train")
-    n_eval = _check_count(n_eval, "n_eval")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ParameterError(f"seed must be an integer, got {seed!r}")
     rng = derive_rng(spec.rng_key, seed)
     wanted = n_eval + n_train
     examples: list[Example] = []
