@@ -1,7 +1,7 @@
 """The cpift app: ``streamlit run app/main.py`` (``make app``). Pages are thin views over ``cpift``.
 
-Deep links: the page is the URL path (``/grouping``; a link with ``?page=grouping`` is sent there) and ``run``,
-``p``, ``tau`` and ``layer`` are query parameters (see ``app/common.py``).
+Deep links: the page is the URL path (``/grouping``; ``/`` is sent to ``/runs``, a link with ``?page=grouping``
+to ``/grouping``) and ``run``, ``p``, ``tau`` and ``layer`` are query parameters (see ``app/common.py``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # pages import app/com
 
 st.set_page_config(page_title="cpift", layout="wide")
 
+RUNS = st.Page("views/runs.py", title="Runs", url_path="runs")
 PAGES = [
-    st.Page("views/runs.py", title="Runs", url_path="runs", default=True),
+    RUNS,
     st.Page("views/regions.py", title="Core regions", url_path="regions"),
     st.Page("views/overlap.py", title="Overlap", url_path="overlap"),
     st.Page("views/grouping.py", title="Grouping", url_path="grouping"),
@@ -25,11 +26,14 @@ PAGES = [
     st.Page("views/training.py", title="Training", url_path="training"),
     st.Page("views/compare.py", title="Compare & report", url_path="compare"),
 ]
+# Streamlit serves the default page at "/" only, never at its own url_path (/runs would be "Page not
+# found"). So the default is this hidden page for "/", sent on to /runs below: every page keeps its URL.
+ROOT = st.Page("views/runs.py", title="Runs", url_path="", default=True, visibility="hidden")
 
-page = st.navigation(PAGES)
-wanted = st.query_params.get("page")
-if wanted and wanted != page.url_path:  # a link naming the page as a parameter: go there, keep the rest
-    target = next((p for p in PAGES if p.url_path == wanted), None)
-    if target is not None:
-        st.switch_page(target, query_params={k: v for k, v in st.query_params.to_dict().items() if k != "page"})
+page = st.navigation([ROOT, *PAGES])
+params = st.query_params.to_dict()
+wanted = params.pop("page", None)  # a link naming the page as a parameter: go there, keep the rest
+target = next((p for p in PAGES if p.url_path == wanted), RUNS if page is ROOT else page)
+if target is not page:
+    st.switch_page(target, query_params=params)
 page.run()

@@ -44,14 +44,20 @@ Layers of protection, outermost first:
    signals (``os.kill``, ``os.killpg``, ``signal.pthread_kill``); any ``ctypes`` use and importing
    ``ctypes``, the sub-interpreter modules or the ``_test*`` C modules; raising resource limits;
    ``gc.get_objects``/``get_referrers``/``get_referents`` (which would reach the hook itself);
-   loading SQLite extensions; creating links (``os.link``, ``os.symlink``); opening a file for
-   writing, or creating, removing, renaming, truncating, changing the mode, owner, times or
-   extended attributes of anything outside the sandbox directory (``/dev/null`` excepted; paths
-   are resolved through symbolic links first), ``shutil.rmtree`` outside it and ``os.chdir``
-   out of it; opening a directory outside it (whose descriptor would let ``dir_fd=`` calls
-   escape the path checks); and reading another process's ``/proc/<pid>`` entries (such as the
-   caller's environment). The runner also disables the unaudited ``_posixsubprocess.fork_exec``
-   and ``signal.pidfd_send_signal``.
+   creating links (``os.link``, ``os.symlink``); opening a file for writing, or creating,
+   removing, renaming, truncating, changing the mode, owner, times or extended attributes of
+   anything outside the sandbox directory (``/dev/null`` excepted; paths are resolved through
+   symbolic links first), ``shutil.rmtree`` outside it and ``os.chdir`` out of it; opening a
+   directory outside it (whose descriptor would let ``dir_fd=`` calls escape the path checks);
+   and reading another process's ``/proc/<pid>`` entries (such as the caller's environment). The
+   runner also disables the unaudited ``_posixsubprocess.fork_exec`` and
+   ``signal.pidfd_send_signal``, and ``os.mkfifo`` and ``os.mknod`` (which raise no audit event;
+   they are refused anywhere, since a device node inside the directory would open a disk for
+   writing). C modules that write files without audit events cannot be imported (a
+   ``ModuleNotFoundError``, as if they were not installed): ``_sqlite3`` (so ``sqlite3``; SQLite
+   writes through ``ATTACH`` and ``VACUUM INTO`` too), ``readline`` (history files), ``_gdbm`` and
+   ``_dbm`` (``dbm`` falls back to ``dbm.dumb``), ``_posixshmem`` and ``_multiprocessing`` (POSIX
+   shared memory and named semaphores in ``/dev/shm``).
 
 Scoring (:func:`check_solution`) also refuses a run that exits with status 0 *before* the tests
 have run (``sys.exit(0)``, ``os._exit(0)`` at the top of a solution): the runner prints a random
@@ -64,12 +70,13 @@ What is *not* protected — read this before relying on it:
   user can read (``/etc``, ``~/.cache``, tokens, raw devices); only the audit hook stops it from
   writing outside the sandbox directory, and without network the only way out for what it reads
   is its own captured output.
-* The audit hook is defence in depth, **not a security boundary**. CPython's audit events do not
-  cover every dangerous operation (``os.mkfifo``/``os.mknod`` outside the directory, for one),
-  and Python code that is written to attack the interpreter — racing threads against the path
-  checks, corrupting interpreter state with crafted code objects, recreating disabled C modules —
-  can get past it. It stops the accidental and the naive (``os.system("rm -rf …")``,
-  ``shutil.rmtree``, network calls, fork bombs), which is what model-written code does.
+* The audit hook is defence in depth, **not a security boundary**. It does not cover every
+  dangerous operation (``fcntl.ioctl`` on a descriptor opened for reading can change a file's
+  attributes, for one), and Python code that is written to attack the interpreter — racing
+  threads against the path checks, corrupting interpreter state with crafted code objects,
+  recreating disabled C modules — can get past it. It stops the accidental and the naive
+  (``os.system("rm -rf …")``, ``shutil.rmtree``, network calls, fork bombs), which is what
+  model-written code does.
 * Disk usage inside the sandbox directory is bounded per file (``RLIMIT_FSIZE``), not in total;
   the run is short (the timeout) and the directory is removed afterwards.
 * Memory is bounded by address space, not resident memory; a thread bomb is bounded by
@@ -140,7 +147,7 @@ def _cpift_sandbox_install(blocked_exit):
     write, exit_, readlink, stat, getcwd = posix.write, posix._exit, posix.readlink, posix.stat, posix.getcwd
     st_mode = type(stat("/")).st_mode.__get__
     type_, str_, bytes_, int_, repr_ = type, str, bytes, int, repr
-    OSError_, Exception_ = OSError, Exception
+    OSError_, Exception_, ModuleNotFoundError_ = OSError, Exception, ModuleNotFoundError
     own_pid = str_(posix.getpid())
     inside_prefix = workdir + "/"
     af_unix = 1  # AF_UNIX on every POSIX system
@@ -150,12 +157,16 @@ def _cpift_sandbox_install(blocked_exit):
         "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
         "os.forkpty", "pty.spawn", "os.startfile", "webbrowser.open", "os.kill", "os.killpg",
         "signal.pthread_kill", "os.link", "os.symlink", "resource.setrlimit", "resource.prlimit",
-        "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sqlite3.load_extension",
-        "sqlite3.enable_load_extension", "os.unshare", "os.setns", "sys.remote_exec",
+        "gc.get_objects", "gc.get_referrers", "gc.get_referents", "os.unshare", "os.setns", "sys.remote_exec",
     ))
     blocked_prefixes = ("socket.", "ctypes.")
     blocked_modules = frozenset(("ctypes", "_ctypes", "_xxsubinterpreters", "_xxinterpchannels", "_interpreters",
                                  "_interpchannels", "_interpqueues", "_xxtestfuzz"))
+    # C modules that create or remove files with no audit event: SQLite (the database, ATTACH, VACUUM INTO),
+    # readline's history files, dbm's C back ends, POSIX shared memory and named semaphores (/dev/shm).
+    # Importing them fails as if they were not installed, so code that can do without them (dbm falls
+    # back to dbm.dumb) still runs.
+    unavailable_modules = frozenset(("_sqlite3", "readline", "_gdbm", "_dbm", "_posixshmem", "_multiprocessing"))
 
     def block(what, detail=None):
         message = "blocked: " + what.replace("\n", " ")[:200] + "\n"
@@ -260,6 +271,9 @@ def _cpift_sandbox_install(blocked_exit):
                     root = name.split(".", 1)[0]
                     if root in blocked_modules or root.startswith("_test"):
                         block("import " + name)
+                    if root in unavailable_modules:
+                        why = " in the sandbox (it writes files that cannot be checked)"
+                        raise ModuleNotFoundError_("No module named " + repr_(name) + why, name=name)
             elif event == "os.remove" or event == "os.rmdir":
                 check_change(event, args[0], args[1])
             elif event == "os.mkdir":
@@ -280,19 +294,28 @@ def _cpift_sandbox_install(blocked_exit):
                 resolved = resolve(args[0])
                 if resolved != workdir and not inside(resolved):
                     block(event, "leaving the sandbox directory: " + repr_(resolved)[:300])
+        except ModuleNotFoundError_:  # an unavailable module: the import fails, the code goes on
+            raise
         except Exception_ as exc:  # a check that fails blocks: fail closed
             block(event, "the check failed: " + type_(exc).__name__)
 
     sys.addaudithook(hook)
 
-    # Unaudited ways to start processes and send signals.
+    # Unaudited ways to start processes, send signals and create files. A FIFO or device node is
+    # refused even inside the directory: a device node there would open a disk for writing.
     import _posixsubprocess
     import _signal
+    import os
 
-    def fork_exec(*args, **kwargs):
-        block("_posixsubprocess.fork_exec")
+    def disabled(name):
+        def call(*args, **kwargs):
+            block(name)
+        return call
 
-    _posixsubprocess.fork_exec = fork_exec
+    _posixsubprocess.fork_exec = disabled("_posixsubprocess.fork_exec")
+    for module in (posix, os):
+        module.mkfifo = disabled("os.mkfifo")
+        module.mknod = disabled("os.mknod")
     for module in (_signal, sys.modules.get("signal")):
         if module is not None and hasattr(module, "pidfd_send_signal"):
             delattr(module, "pidfd_send_signal")

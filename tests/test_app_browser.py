@@ -1,15 +1,18 @@
 """The app in a real browser: ``streamlit run`` on a free localhost port, driven by headless Chromium.
 
-Opens the Grouping page on the tiny run, moves τ with the keyboard, and checks that the graph and
-the groups change; a screenshot of each state is saved under the test's tmp path. Chromium is
-Debian's ``chromium`` package: installed here with apt when it is missing and this runs as root;
-the test is skipped, saying why, only where it cannot be installed. The server is started by
-``app/serve.py``, as for the README's screenshots.
+Opens every page at its own URL path (deep links), and the Grouping page on the tiny run, where it
+moves τ with the keyboard and checks that the graph and the groups change; a screenshot of each
+state is saved under the test's tmp path. Chromium is Debian's ``chromium`` package: installed
+here with apt when it is missing and this runs as root; the test is skipped, saying why, only
+where it cannot be installed. The server is started by ``app/serve.py``, as for the README's
+screenshots.
 """
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))  # app/ is not a package
 
-from serve import CHROMIUM, running_app
+from serve import APP, CHROMIUM, running_app
 
 
 def ensure_chromium() -> None:
@@ -44,6 +47,17 @@ def server(tiny_run, tmp_path_factory):
         yield url
 
 
+def app_pages() -> list[tuple[str, str]]:
+    """``(url_path, title)`` of each page in the app's menu, read from the ``st.Page`` calls of app/main.py."""
+    pages = []
+    for node in ast.walk(ast.parse(APP.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "Page":
+            options = {keyword.arg: ast.literal_eval(keyword.value) for keyword in node.keywords}
+            if options.get("url_path"):  # the root ("") is not a menu entry
+                pages.append((options["url_path"], options["title"]))
+    return pages
+
+
 def graph_title(page, showing: str) -> str:
     """The similarity graph's title once plotly has drawn one containing ``showing`` and the
     previous graph is gone (while a fragment reruns, the old chart stays until the new one is drawn)."""
@@ -54,6 +68,26 @@ def graph_title(page, showing: str) -> str:
         arg=showing, timeout=120_000,
     )
     return page.locator(".gtitle", has_text="Tasks linked at τ").text_content()
+
+
+def test_every_page_opens_at_its_own_url_path(server):
+    pages = app_pages()
+    assert {"runs", "regions", "overlap", "grouping", "fusion", "drift", "training", "compare"} <= dict(pages).keys()
+    ensure_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        try:
+            page = browser.new_page()
+            for path, title in [*pages, ("", "Runs")]:  # the root opens the Runs page, at /runs
+                page.goto(f"{server}/{path}", timeout=120_000)
+                page.locator("h1", has_text=title).wait_for(timeout=120_000)
+                # "Page not found" arrives before the page's elements, so it would be shown by now.
+                assert page.get_by_text("Page not found").count() == 0, f"/{path}"
+            page.wait_for_url(re.compile(re.escape(server) + r"/runs(\?|$)"), timeout=30_000)
+        finally:
+            browser.close()
 
 
 def test_grouping_page_tau_slider_in_chromium(server, tiny_run, tmp_path):

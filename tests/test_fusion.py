@@ -454,6 +454,26 @@ def test_report_angles(tiny_base, tiny_tasks, base_state):
     assert (report["angle:math"] > 0.05).any()
 
 
+def test_large_tensor_slerp_and_angle_match_float64(tiny_tasks, base_state, regions1):
+    # 2**24 elements (an embedding matrix's size): a float32 dot product and norms are off enough
+    # there to report a cosine above 1, which took linear interpolation instead of SLERP.
+    generator = torch.Generator().manual_seed(0)
+    v0 = torch.randn(2**24, generator=generator) * 0.05 + 0.01
+    v1 = v0 + 0.05 * v0.std() * torch.randn(2**24, generator=generator)
+    cos = cosine(v0, v1)
+    assert cos < 0.9995  # a true SLERP, not the colinear case
+    expected = np_slerp(0.5, v0.numpy(), v1.numpy())
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(slerp(v0, v1, 0.5).numpy(), expected, rtol=1e-5, atol=1e-5 * scale)
+
+    name = "large.weight"  # outside the regions' layout: SLERP and the angle only
+    tasks = {"math": {**tiny_tasks["math"], name: v1}}
+    fused = fuse({**base_state, name: v0}, tasks, regions1, omega=0.5)
+    np.testing.assert_allclose(fused[name].numpy(), expected, rtol=1e-5, atol=1e-5 * scale)
+    angle = fused.report.set_index("tensor").loc[name, "angle:math"]
+    assert angle == pytest.approx(math.degrees(math.acos(cos)), rel=1e-5)
+
+
 def test_report_angle_exactly_zero_for_identical_task(tiny_base, base_state):
     tasks = {"same": {n: t.clone() for n, t in base_state.items()}}
     regions = core_regions(tiny_base, tasks, p=5)

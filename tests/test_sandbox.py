@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -241,6 +242,52 @@ def test_removing_and_renaming_outside_the_sandbox_is_blocked(tmp_path):
     assert victim.read_text() == "keep me"
     assert (tmp_path / "tree").is_dir()
     assert victim.stat().st_mode & 0o777 != 0
+
+
+@pytest.mark.parametrize(("call", "event"), [
+    ("os.mkfifo(target)", "os.mkfifo"),
+    ("os.mknod(target)", "os.mknod"),
+    ("os.mknod(target, 0o600 | stat.S_IFIFO)", "os.mknod"),
+    ("posix.mkfifo(target)", "os.mkfifo"),
+    ("os.mkfifo('inside')", "os.mkfifo"),
+])
+def test_fifos_and_device_nodes_are_never_created(call, event, tmp_path):
+    # Neither raises an audit event: the runner disables both, inside the sandbox directory too.
+    target = tmp_path / "node"
+    code = (f"import os, posix, stat\ntarget = {str(target)!r}\n"
+            f"try:\n    {call}\nexcept BaseException:\n    pass\nprint('survived')")
+    result = run_python(code, FAST)
+    assert_blocked(result, event)
+    assert "survived" not in result.stdout
+    assert not os.path.lexists(target)
+
+
+def test_modules_that_write_unchecked_files_are_unavailable(tmp_path):
+    # SQLite, readline and dbm's C back ends write files, and POSIX shared memory creates them in
+    # /dev/shm, without any audit event: their C modules cannot be imported.
+    shm_name = f"cpift_sandbox_{secrets.token_hex(8)}"
+    cases = [
+        f"import sqlite3\nsqlite3.connect({str(tmp_path / 'a.db')!r}).execute('create table t(x)')",
+        f"import sqlite3\nsqlite3.connect(':memory:').execute(\"attach {str(tmp_path / 'b.db')!r} as b\")",
+        f"import readline\nreadline.write_history_file({str(tmp_path / 'history')!r})",
+        f"import dbm.gnu\ndbm.gnu.open({str(tmp_path / 'c.db')!r}, 'c')",
+        f"from multiprocessing import shared_memory\nshared_memory.SharedMemory({shm_name!r}, create=True, size=8)",
+        "import multiprocessing\nmultiprocessing.Lock()",
+    ]
+    try:
+        for code in cases:
+            result = run_python(code, FAST)
+            assert result.reason == "exit code 1: ModuleNotFoundError", (code, result)
+            assert "in the sandbox (it writes files that cannot be checked)" in result.stderr
+        assert list(tmp_path.iterdir()) == []
+        assert not Path("/dev/shm", shm_name).exists()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/dev/shm/{shm_name}")
+    # Code that can do without them still runs: dbm falls back to dbm.dumb inside the directory.
+    code = "import dbm\nwith dbm.open('cache', 'c') as db:\n    db['k'] = 'v'\nprint(dbm.whichdb('cache'))"
+    result = run_python(code, FAST)
+    assert result.passed and result.stdout.strip() == "dbm.dumb", result
 
 
 def test_parent_environment_is_not_visible(monkeypatch):
