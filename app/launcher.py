@@ -13,8 +13,9 @@ from pathlib import Path
 import streamlit as st
 from common import REPO, _resolve, remember, show_error
 
-from cpift.config import Config, parse_config
-from cpift.launch import estimate_cpu_seconds, launch_device, read_config, start_run
+from cpift.config import Config, parse_config, read_config
+from cpift.estimate import estimate_cpu_seconds
+from cpift.launch import launch_device, start_run
 from cpift.methods import METHODS
 
 CONFIGS = REPO / "configs"

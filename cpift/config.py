@@ -71,6 +71,7 @@ __all__ = [
     "config_changes",
     "load_config",
     "parse_config",
+    "read_config",
 ]
 
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
@@ -315,3 +316,26 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
             raise ConfigError(parts[0], f"expected a table, got {describe(section)}")
         section[parts[1]] = value
     return out
+
+
+def read_config(config: Config | str | os.PathLike[str]) -> Config:
+    """A validated :class:`Config` from a ``Config``, a TOML file path, or TOML text.
+
+    A :class:`~pathlib.Path`, or a one-line string naming an existing file, is read as a file;
+    any other string is TOML text (relative local paths in it are looked up from the current
+    directory).
+
+    Raises:
+        ConfigError: invalid TOML or an invalid value, naming the key (and the file).
+    """
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, os.PathLike) or ("\n" not in config and Path(config).expanduser().is_file()):
+        return load_config(config)
+    if "\n" not in config and config.strip().endswith(".toml"):
+        return load_config(config)  # a path that does not exist: load_config says so, naming it
+    try:
+        data = tomllib.loads(config)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(None, f"invalid TOML: {exc}") from exc
+    return parse_config(data)

@@ -11,12 +11,20 @@ score of such a fused model. Everything is read from the run directory (see :mod
   ``fusion_report.csv``.
 - :func:`quick_fusion_eval` fuses the probes at a chosen ω and overlap rule and scores the result
   and the base on a few evaluation items per task.
+- :func:`run_progress` summarises a run that may still be going, from its manifest,
+  ``events.jsonl`` and ``logs/launch.log``: status (``"running"``/``"starting"``/``"done"``/
+  ``"failed"``/``"stopped"``, or ``"died"`` for a run whose process ended without recording an
+  outcome), stage, step/steps, the loss curve, ETA, tokens/s, the error and the log's tail. A page
+  may poll it every second on a run it merely views.
 
-Sample runs ship without model weights: everything except the last two functions works on them.
+Sample runs ship without model weights: everything except :func:`regions_from_probes` and
+:func:`quick_fusion_eval` works on them.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -25,11 +33,13 @@ import torch
 from .config import parse_config
 from .data import get_task
 from .errors import CpiftError, FormatError
+from .estimate import planned_work
 from .evaluate import score_task
 from .fusion import fuse
+from .launch import launcher_alive
 from .pipeline import load_base
 from .regions import CoreRegions, core_regions
-from .runs import FUSION_REPORT, REGIONS, SIMILARITY, RunDir, probe_dir
+from .runs import FUSION_REPORT, LAUNCH_LOG, REGIONS, SIMILARITY, RunDir, probe_dir
 
 
 def run_regions(run: RunDir) -> CoreRegions:
@@ -121,3 +131,132 @@ def quick_fusion_eval(
     return pd.DataFrame({"task": [s.task for s in base_scores], "metric": [s.metric for s in base_scores],
                          "base": [s.score for s in base_scores], "fused": [s.score for s in fused_scores],
                          "n": [s.n for s in base_scores]})
+
+
+# -- progress of a run that may still be going ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What :func:`run_progress` read from a run directory.
+
+    ``status`` is the manifest's, refined by who holds the run: ``"starting"`` (launched, not yet
+    locked), ``"running"`` (a process holds the lock), ``"died"`` (the manifest says running but
+    no process works on it: it can be resumed). ``losses`` has one row per optimizer step (the
+    latest attempt of each ``stage``/``step`` after a resume) with columns ``time``, ``stage``,
+    ``step``, ``steps``, ``loss``, ``lr``, ``tokens_per_s``, ``eta_s`` and ``n`` (steps done in
+    the whole run up to that row). ``eta_s`` is the current stage's remaining time as the trainer
+    reported it; ``run_eta_s`` the remaining optimizer steps of the whole run
+    (:func:`~cpift.estimate.planned_work`) at the median measured time per step (training only;
+    scoring comes on top).
+    """
+
+    path: Path
+    status: str
+    pid: int | None
+    stage: str | None
+    error: str | None
+    created: str | None
+    updated: str | None
+    methods: tuple[str, ...]
+    methods_done: tuple[str, ...]
+    training_stage: str | None
+    step: int | None
+    steps: int | None
+    loss: float | None
+    tokens_per_s: float | None
+    eta_s: float | None
+    steps_done: int
+    steps_planned: int | None
+    run_eta_s: float | None
+    losses: pd.DataFrame
+    log_tail: str
+
+    @property
+    def active(self) -> bool:
+        """Whether a process is working on the run now."""
+        return self.status in ("starting", "running")
+
+    @property
+    def fraction(self) -> float | None:
+        """Optimizer steps done over those planned, in [0, 1] (``None`` when unknown)."""
+        if not self.steps_planned:
+            return None
+        return min(1.0, self.steps_done / self.steps_planned)
+
+
+LOG_TAIL_LINES = 40
+"""Lines of ``logs/launch.log`` in :attr:`Progress.log_tail`."""
+
+_LOSS_COLUMNS = ("time", "stage", "step", "steps", "loss", "lr", "tokens_per_s", "eta_s")
+
+
+def run_progress(run_dir: str | os.PathLike[str]) -> Progress:
+    """A run's progress from its manifest, ``events.jsonl`` and ``logs/launch.log``; reads only.
+
+    Raises:
+        CpiftError: ``run_dir`` does not exist.
+        FormatError: the manifest or the events are corrupt or of another version (names the file).
+    """
+    run = RunDir.open(run_dir)
+    manifest = run.manifest
+    status = manifest["status"]
+    pid = run.locked_by()
+    if pid is not None:
+        status = "running"
+    else:
+        pid = launcher_alive(run)
+        if pid is not None:
+            status = "starting"
+        elif status == "running":
+            status = "died"
+
+    steps = [e for e in run.events("step") if {"stage", "step"} <= e.keys()]
+    losses = pd.DataFrame([{k: e.get(k) for k in _LOSS_COLUMNS} for e in steps], columns=list(_LOSS_COLUMNS))
+    losses = losses.drop_duplicates(["stage", "step"], keep="last").reset_index(drop=True)
+    losses["n"] = range(1, len(losses) + 1)
+    last = steps[-1] if steps else {}
+
+    config = manifest["config"]
+    methods = tuple(config.get("run", {}).get("methods", ()))
+    try:
+        planned = sum(planned_work(parse_config(config))[0].values())
+    except CpiftError:  # a config this version cannot read (written by another version)
+        planned = None
+    run_eta = None
+    if status in ("starting", "running") and planned is not None:
+        per_step = _seconds_per_step(losses)
+        if per_step is not None:
+            run_eta = max(0, planned - len(losses)) * per_step
+
+    return Progress(
+        path=run.path, status=status, pid=pid, stage=manifest.get("stage"), error=manifest.get("error"),
+        created=manifest.get("created"), updated=manifest.get("updated"), methods=methods,
+        methods_done=tuple(e.get("method") for e in run.events("method_done")),
+        training_stage=last.get("stage"), step=last.get("step"), steps=last.get("steps"), loss=last.get("loss"),
+        tokens_per_s=last.get("tokens_per_s"), eta_s=last.get("eta_s") if status == "running" else None,
+        steps_done=len(losses), steps_planned=planned, run_eta_s=run_eta, losses=losses,
+        log_tail=_log_tail(run.path / LAUNCH_LOG),
+    )
+
+
+def _seconds_per_step(losses: pd.DataFrame) -> float | None:
+    """The median time between consecutive steps of the same stage (evaluation gaps excluded)."""
+    if len(losses) < 2:
+        return None
+    gaps = losses["time"].diff()[losses["stage"].eq(losses["stage"].shift())]
+    gaps = gaps[gaps > 0]
+    return float(gaps.median()) if len(gaps) else None
+
+
+def _log_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 65536) -> str:
+    """The last ``lines`` lines of a log, progress-bar redraws (``\\r``) reduced to their last state."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - max_bytes))
+            data = fh.read()
+    except FileNotFoundError:
+        return ""
+    text = data.decode("utf-8", "replace")
+    kept = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
+    return "\n".join(line for line in kept[-lines:])

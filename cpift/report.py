@@ -31,9 +31,8 @@ from ._version import __version__
 from .atomic import atomic_write_text
 from .config import parse_config
 from .errors import CpiftError, ParameterError
-from .explore import run_fusion_report, run_regions, run_similarity
+from .explore import run_fusion_report, run_progress, run_regions, run_similarity
 from .grouping import dendrogram_data, groupings_by_tau
-from .launch import run_progress
 from .overlap import layer_of
 from .pipeline import compare
 from .plots import (

@@ -17,7 +17,9 @@ import plotly.io as pio
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from cpift.launch import estimate_cpu_seconds, read_config, run_progress
+from cpift.config import read_config
+from cpift.estimate import estimate_cpu_seconds
+from cpift.explore import run_progress
 from cpift.pipeline import compare
 from cpift.runs import RunDir
 

@@ -9,16 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from cpift.config import ConfigError, load_config
+from cpift.config import ConfigError, load_config, read_config
 from cpift.errors import CpiftError
-from cpift.launch import (
-    estimate_cpu_seconds,
-    planned_work,
-    read_config,
-    run_progress,
-    start_run,
-    stop_run,
-)
+from cpift.estimate import estimate_cpu_seconds, planned_work
+from cpift.explore import run_progress
+from cpift.launch import start_run, stop_run
 from cpift.runs import LAUNCH_LOG, METRICS_JSON, RunDir, RunLockedError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

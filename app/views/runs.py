@@ -8,7 +8,7 @@ from launcher import TRAINING_PAGE, new_run_form
 
 from cpift.config import parse_config
 from cpift.errors import CpiftError
-from cpift.launch import run_progress
+from cpift.explore import run_progress
 from cpift.pipeline import compare
 from cpift.runs import METRICS_CSV
 

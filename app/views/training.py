@@ -6,7 +6,8 @@ import streamlit as st
 from common import pick_run, show_error
 from launcher import new_run_form
 
-from cpift.launch import STOP_GRACE_S, run_progress, start_run, stop_run
+from cpift.explore import run_progress
+from cpift.launch import STOP_GRACE_S, start_run, stop_run
 from cpift.plots import loss_figure
 
 #: Seconds between progress refreshes while a process works on the run.

@@ -1,6 +1,6 @@
 """Figures of training progress: the loss curve of every stage and the learning rate.
 
-The data is a run's optimizer steps as :func:`cpift.launch.run_progress` gives them
+The data is a run's optimizer steps as :func:`cpift.explore.run_progress` gives them
 (``Progress.losses``: one row per step with ``stage``, ``step``, ``loss``, ``lr`` and ``n``, the
 step's position in the whole run), so the same figure serves a run in progress and a finished one.
 """
