@@ -49,7 +49,7 @@ from .data.spec import DatasetSpecs, find_local, looked_for
 from .methods.registry import METHODS as _REGISTRY
 from .methods.registry import sections as _method_sections
 from .methods.sequential import VARIANTS as SEQUENTIAL_METHODS
-from .settings import DEVICES, ConfigError, Float, Name, Names, Section, Text, TrainConfig, choice, config_error
+from .settings import DEVICES, ConfigError, Float, Name, Section, TaskNames, Text, TrainConfig, choice, config_error
 from .settings import describe, names_of, suggest
 from .sources import EMBEDDED_MODEL, is_embedded_name, is_hub_id
 
@@ -129,11 +129,12 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    """``[data]``: the run's tasks, in order (embedded tasks, hub presets of :mod:`cpift.data` or the
-    names of ``[[data.datasets]]`` tables; resolved by the pipeline), examples per task, the
-    sampling seed, tokens per training example, and the dataset specs."""
+    """``[data]``: the run's tasks, in order (embedded tasks, BIG-bench tasks ``bigbench:<path>``, hub
+    presets of :mod:`cpift.data` or the names of ``[[data.datasets]]`` tables; resolved by the
+    pipeline), examples per task, the sampling seed, tokens per training example, and the dataset
+    specs."""
 
-    tasks: Names
+    tasks: TaskNames
     n_train: int = Field(64, ge=1)
     n_eval: int = Field(32, ge=1)
     seed: int = Field(0, ge=0, lt=2**32)

@@ -19,7 +19,8 @@ each in brackets — writers and readers alike use them, nothing else spells a p
     logs/launch.toml           [LAUNCH_CONFIG] as the child read it, and the launch record (PID,
     logs/launch.json           [LAUNCH_RECORD] command, start time)
     eval_cache.json            [EVAL_CACHE]    scores by model fingerprint: nothing is scored twice
-    probes/<task>/             [probe_dir]     the probe fine-tune of one task (a model dir)
+    probes/<task>/             [probe_dir]     the probe fine-tune of one task (a model dir; a
+                                               BIG-bench task spelled by cpift.names.path_part)
     regions/                   [REGIONS]       the saved CoreRegions (cpift.regions format, compact)
     similarity.json            [SIMILARITY]    task × task Jaccard of the cores
     groups.json                [GROUPS]        the τ grouping, the stage order, every grouping by τ
@@ -76,7 +77,7 @@ from typing import Any
 from .atomic import atomic_dir, atomic_write_text, remove_stale_temps
 from .errors import CpiftError, DiskFullError, FormatError, OutputExistsError, ParameterError
 from .manifest import manifest_header, read_manifest
-from .names import check_name
+from .names import check_name, check_task_name, path_part
 
 __all__ = [
     "CHECKPOINTS",
@@ -186,7 +187,7 @@ def _check_creatable(path: Path) -> None:
 
 def probe_dir(task: str) -> str:
     """``probes/<task>``: the probe fine-tune of one task."""
-    return f"{PROBES}/{check_name(task, 'task')}"
+    return f"{PROBES}/{path_part(check_task_name(task))}"
 
 
 def method_dir(method: str) -> str:
@@ -219,7 +220,7 @@ def sequential_dir(model: str) -> str:
 
 def checkpoint_root(stage: str) -> str:
     """``checkpoints/<job>``: where training ``stage`` (e.g. ``cpift/stage2``) keeps its checkpoints."""
-    return f"{CHECKPOINTS}/{check_name(stage.replace('/', '_'), 'job')}"
+    return f"{CHECKPOINTS}/{check_name(path_part(stage.replace('/', '_')), 'job', max_length=_NAME_MAX_BYTES)}"
 
 
 def checkpoint_dir(job: str, step: int) -> str:

@@ -25,7 +25,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, validate_call
 
 from .errors import ParameterError
-from .names import check_name
+from .names import check_name, check_task_name
 
 __all__ = [
     "DEVICES",
@@ -34,6 +34,7 @@ __all__ = [
     "Name",
     "Names",
     "Section",
+    "TaskNames",
     "Text",
     "TrainConfig",
     "choice",
@@ -211,6 +212,13 @@ def _plain(name: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+def _task_name(name: str) -> str:
+    try:
+        return check_task_name(name)
+    except ParameterError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _not_blank(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -228,6 +236,10 @@ Name = Annotated[str, AfterValidator(_not_blank), AfterValidator(_plain)]
 
 Names = Annotated[tuple[Name, ...], Field(strict=False, min_length=1), AfterValidator(_distinct)]
 """A non-empty list of distinct plain names (a TOML array; kept as a tuple)."""
+
+TaskNames = Annotated[tuple[Annotated[str, AfterValidator(_not_blank), AfterValidator(_task_name)], ...],
+                      Field(strict=False, min_length=1), AfterValidator(_distinct)]
+"""A non-empty list of distinct task names (plain, or ``bigbench:<path>``: :mod:`cpift.names`)."""
 
 
 def choice(source: tuple[str, ...] | Callable[[], Iterable[str]]) -> AfterValidator:

@@ -139,7 +139,7 @@ def test_a_run_on_a_full_file_system_stops_clearly_and_resumes(tmp_path: Path) -
 # -- 3. names --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["x\n", "t" * 65, "a/b", ""])
+@pytest.mark.parametrize("name", ["x\n", "t" * 129, "a/b", "bigbench:", "bigbench:a//b", ""])
 def test_task_names_that_cannot_name_files_are_refused_before_any_work(name: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data\.tasks\[1\]"):
         load_config(TINY, [f"data.tasks={json.dumps(['math', name])}"])

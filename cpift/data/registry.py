@@ -7,7 +7,9 @@
 2. ``"retention_qa"`` → :func:`~cpift.data.retention.retention_task` (no training examples; the
    counts and seed do not apply);
 3. an embedded task name (:data:`~cpift.data.embedded.EMBEDDED_TASKS`) → :func:`embedded_task`;
-4. a hub preset name (:data:`HUB_PRESETS`: ``gsm8k``, ``codealpaca``, ``logiqa``, ``alpaca``,
+4. ``bigbench:<path>`` → that BIG-bench task (:func:`~cpift.data.bigbench.bigbench_task`, offline
+   after a one-time download);
+5. a hub preset name (:data:`HUB_PRESETS`: ``gsm8k``, ``codealpaca``, ``logiqa``, ``alpaca``,
    ``ultrachat``) → that preset spec, loaded from the Hugging Face hub (needs the network or
    the local ``datasets`` cache).
 
@@ -21,6 +23,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from cpift.data.bigbench import bigbench_task, is_bigbench_name
 from cpift.data.embedded import EMBEDDED_TASKS, embedded_task
 from cpift.data.hub import load_task
 from cpift.data.retention import RETENTION_TASK, retention_task
@@ -67,9 +70,11 @@ def get_task(name_or_spec: str | Mapping[str, Any], n_train: int = 64, n_eval: i
         return retention_task()
     if name in EMBEDDED_TASKS:
         return embedded_task(name, n_train=n_train, n_eval=n_eval, seed=seed)
+    if is_bigbench_name(name):
+        return bigbench_task(name, n_train=n_train, n_eval=n_eval, seed=seed)
     if name in HUB_PRESETS:
         return load_task({"name": name, "n_train": n_train, "n_eval": n_eval, "seed": seed, **HUB_PRESETS[name]})
     raise ParameterError(
         f"unknown task {name_or_spec!r}; known: {', '.join(available_tasks(include_hub=True))}, "
-        f"or a dataset spec mapping (see cpift.data.hub)"
+        f"bigbench:<path> (a BIG-bench task), or a dataset spec mapping (see cpift.data.hub)"
     )

@@ -21,12 +21,15 @@ class Example:
     ``messages`` ends with the assistant's reference answer for training examples; for scoring,
     the prompt is every message before the last assistant turn. ``target`` holds what the
     evaluator compares against (the final number, the correct choice letter, hidden unit tests,
-    format rules), and ``meta`` anything else a source wants to keep (ids, difficulty).
+    format rules), and ``meta`` anything else a source wants to keep (ids, difficulty). A
+    multiple-choice example lists its answer ``options`` (texts a model's answer is chosen among,
+    by log-likelihood) and ``target`` holds the indices of the correct ones.
     """
 
     messages: tuple[Message, ...]
     target: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
+    options: tuple[str, ...] = ()
 
     @property
     def prompt(self) -> tuple[Message, ...]:
