@@ -1,7 +1,8 @@
 """Scoring models: batched greedy generation on tasks, retention on held-out text, summaries.
 
-- :func:`generate` renders each prompt with the tokenizer's chat template, left-pads a batch and
-  decodes greedily with a cap on new tokens.
+- :func:`generate` renders each prompt with the tokenizer's chat template (as training does:
+  :func:`cpift.data.chat.render_chat`), left-pads a batch and decodes greedily with a cap on new
+  tokens.
 - :func:`score_task` generates for a task's evaluation examples and applies the task's scorer.
 - :func:`retention` measures next-token accuracy and perplexity on text never trained on — what
   forgetting is measured on, with the zero-shot retention questions
@@ -43,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write_text
+from .data.chat import render_chat
 from .data.tasks import Example, Message, Task
 from .errors import ParameterError
 
@@ -53,10 +55,6 @@ RETENTION_LOSSES = ("perplexity",)
 """Retention metrics that are not accuracies (lower is better): left out of the forgetting metrics."""
 COLLAPSE_THRESHOLD = 0.05
 """A retention task has collapsed when its accuracy is at most this fraction of the vanilla accuracy."""
-
-
-def _render(tokenizer, prompts: Sequence[Sequence[Message]]) -> list[str]:
-    return [tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False) for p in prompts]
 
 
 @torch.no_grad()
@@ -71,7 +69,7 @@ def generate(
 ) -> list[str]:
     """Greedy completions of chat prompts, batched with left padding; special tokens dropped."""
     device = next(model.parameters()).device
-    texts = _render(tokenizer, prompts)
+    texts = [render_chat(tokenizer, prompt, generation_prompt=True) for prompt in prompts]
     completions: list[str] = []
     was_training = model.training
     model.eval()

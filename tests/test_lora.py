@@ -60,7 +60,7 @@ def test_adapters_train_and_the_base_stays_frozen(adapter_run: RunDir, method: s
         if ".lora_" not in name:
             assert torch.equal(tensor, base[_base_name(name)].detach()), name
     # AdamW held the adapter parameters only.
-    optimizer = torch.load(_last_checkpoint(adapter_run, method) / "optimizer.pt", weights_only=True)
+    optimizer = torch.load(_last_checkpoint(adapter_run, method) / "custom_checkpoint_0.pkl", weights_only=True)
     assert len(optimizer["state"]) == len(adapters)
 
 

@@ -13,18 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from cpift.data.chat import IGNORE_INDEX, collate, tokenize_chat
 from cpift.data.tasks import Example
 from cpift.errors import CpiftError, MismatchError, ParameterError
 from cpift.models import tiny_llama, tiny_tokenizer
-from cpift.train import (
-    IGNORE_INDEX,
-    TrainConfig,
-    collate,
-    latest_checkpoint,
-    list_checkpoints,
-    tokenize_chat,
-    train,
-)
+from cpift.train import TrainConfig, train
+from cpift.train_state import latest_checkpoint, list_checkpoints
 
 END = "<|im_end|>"
 
@@ -228,9 +222,9 @@ def test_checkpoints_are_complete_and_only_the_last_two_kept(tmp_path, reference
     with safe_open(str(tmp_path / "step-000006" / "model.safetensors"), "pt") as fh:
         assert "lm_head.weight" not in fh.keys()  # noqa: SIM118 (not a dict)
     fresh = make_model()
-    from cpift.train import _load_model_weights
+    from cpift.models import load_weights
 
-    _load_model_weights(fresh, tmp_path / "step-000006" / "model.safetensors")
+    load_weights(fresh, tmp_path / "step-000006" / "model.safetensors")
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
     # A second fresh run into the same directory must not silently mix with these.
@@ -271,8 +265,8 @@ from cpift.train import TrainConfig, train
 
 real_save = torch.save
 def save(obj, f, *args, **kwargs):
-    # Die mid-write of step 4's checkpoint: model and optimizer written, RNG state not.
-    if ".step-000004.tmp-" in str(f) and str(f).endswith("rng.pt"):
+    # Die mid-write of step 4's checkpoint: model written, RNG states and optimizer not.
+    if ".step-000004.tmp-" in str(f) and str(f).endswith("random_states_0.pkl"):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_save(obj, f, *args, **kwargs)
 torch.save = save
@@ -307,7 +301,8 @@ def test_only_complete_checkpoints_are_resumed(tmp_path):
     # A write in progress by a live process (ours), and a visible but incomplete directory.
     live_temp = tmp_path / f".step-000009.tmp-{os.getpid()}-abcd"
     live_temp.mkdir()
-    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"):
+    for name in ("model.safetensors", "random_states_0.pkl", "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl",
+                 "trainer_state.json"):
         (live_temp / name).write_bytes(b"garbage")
     partial = tmp_path / "step-000008"
     partial.mkdir()
