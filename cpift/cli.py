@@ -49,8 +49,6 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
-    import dataclasses
-
     from .config import load_config
     from .models import save_weights
     from .pipeline import build_tasks, load_base, train_config
@@ -61,7 +59,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
     if args.task not in tasks:
         raise ParameterError(f"--task {args.task!r} is not among the config's tasks: {', '.join(tasks)}")
     model, tokenizer = load_base(config)
-    settings = dataclasses.replace(train_config(config), steps=config.probe.steps, lr=config.probe.lr)
+    settings = train_config(config).model_copy(update={"steps": config.probe.steps, "lr": config.probe.lr})
     train(model, tokenizer, list(tasks[args.task].train), settings, stage=f"probe/{args.task}")
     save_weights(model, args.out)
     print(f"probe of {args.task!r} saved to {args.out}")

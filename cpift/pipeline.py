@@ -30,7 +30,7 @@ from .errors import CpiftError
 from .regions import CoreRegions
 from .runs import CHECKPOINTS, EVAL_CACHE, LOCK, METRICS_CSV, METRICS_JSON, REGIONS, RunDir, RunLockedError
 from .runs import METHODS as METHODS_DIR
-from .train import TrainConfig
+from .settings import TrainConfig
 
 
 def build_tasks(config: Config) -> dict[str, Task]:
@@ -68,12 +68,9 @@ def retention_suite(config: Config) -> dict[str, list]:
 
 
 def train_config(config: Config) -> TrainConfig:
-    """The training settings every method shares (the fair budget)."""
-    t = config.train
-    return TrainConfig(lr=t.lr, weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, steps=t.steps,
-                       batch_size=t.batch_size, grad_accum=t.grad_accum, max_length=config.data.max_length,
-                       max_grad_norm=t.max_grad_norm or None, checkpoint_every=t.checkpoint_every, seed=config.run.seed,
-                       device=config.run.device)
+    """The training settings every method shares (the fair budget): ``config.train``, whose loop
+    fields ``max_length``, ``seed`` and ``device`` the config filled from its other sections."""
+    return config.train
 
 
 class ConfigChangedError(CpiftError):

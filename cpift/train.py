@@ -58,7 +58,6 @@ the same (``progress=None``: only on a terminal).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import math
@@ -76,6 +75,7 @@ import torch.nn.functional as F
 from cpift.data.chat import IGNORE_INDEX, collate, pad_token_id, tokenize_chat, tokenize_examples
 from cpift.errors import CpiftError, ParameterError
 from cpift.freezing import MaskedOptimizer
+from cpift.settings import DEVICES, TrainConfig
 from cpift.train_state import (
     check_resumable,
     checkpoint_path,
@@ -107,7 +107,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,81 +183,6 @@ def _forward_backward(accelerator: Any, model: torch.nn.Module,
 # --------------------------------------------------------------------------------------------
 # Configuration and result
 # --------------------------------------------------------------------------------------------
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer ≥ {minimum}"
-        raise ParameterError(f"TrainConfig.{name} must be {what}, got {value!r}")
-
-
-def _real(name: str, value: Any, *, positive: bool) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or (value <= 0 if positive else value < 0):
-        what = "a finite number > 0" if positive else "a finite number ≥ 0"
-        raise ParameterError(f"TrainConfig.{name} must be {what}, got {value!r}")
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one :func:`train` call (validated on creation and again by train).
-
-    Attributes:
-        lr: peak learning rate of AdamW (> 0).
-        weight_decay: AdamW's decoupled weight decay on matrices (≥ 0; 1-D parameters never).
-        warmup_steps: steps of linear warm-up before the cosine decay (≥ 0).
-        steps: number of optimizer steps (≥ 1).
-        batch_size: examples per micro-batch, per process.
-        grad_accum: micro-batches per optimizer step.
-        max_length: tokens kept per example (the start is kept).
-        max_grad_norm: clip the gradient's global L2 norm to this (> 0); ``None`` disables it.
-        checkpoint_every: write a checkpoint every this many steps (with a ``checkpoint_dir``);
-            0 means only at the end.
-        seed: seeds the data order and the global RNGs (≥ 0).
-        device: ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda"`` or ``"mps"``.
-    """
-
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 10
-    steps: int = 100
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_length: int = 512
-    max_grad_norm: float | None = 1.0
-    checkpoint_every: int = 50
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise :class:`ParameterError` naming the first field out of range."""
-        _real("lr", self.lr, positive=True)
-        _real("weight_decay", self.weight_decay, positive=False)
-        _positive_int("warmup_steps", self.warmup_steps, minimum=0)
-        _positive_int("steps", self.steps)
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("grad_accum", self.grad_accum)
-        _positive_int("max_length", self.max_length, minimum=2)
-        if self.max_grad_norm is not None:
-            _real("max_grad_norm", self.max_grad_norm, positive=True)
-        _positive_int("checkpoint_every", self.checkpoint_every, minimum=0)
-        _positive_int("seed", self.seed, minimum=0)
-        if self.device not in DEVICES:
-            raise ParameterError(
-                f"TrainConfig.device must be one of {', '.join(DEVICES)}, got {self.device!r}"
-            )
-
-    @property
-    def mixed_precision(self) -> str:
-        """Accelerate's ``mixed_precision`` for this device: ``"bf16"`` on CUDA (when the GPU
-        supports it), else ``"no"`` (fp32)."""
-        device = resolve_device(self.device)
-        if device == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "no"
 
 
 # Fields that change the training trajectory: a checkpoint resumes only under the same values.
@@ -518,7 +442,7 @@ def train(
             if hook is not None:
                 hook.after_backward(raw_model, step + 1)
             grad_norm = None
-            if config.max_grad_norm is not None:
+            if config.max_grad_norm:  # 0: no clipping
                 grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm))
                 if not math.isfinite(grad_norm):
                     raise CpiftError(
@@ -559,7 +483,7 @@ def train(
                 save_checkpoint(accelerator, path, {
                     "stage": stage, "step": step, "steps": config.steps, "losses": losses,
                     "tokens_seen": tokens_before + tokens_run, "examples_skipped": skipped,
-                    "config": dataclasses.asdict(config), **fingerprint,
+                    "config": {name: getattr(config, name) for name in TrainConfig.model_fields}, **fingerprint,
                 })
                 if main and on_event is not None:
                     on_event({"event": "checkpoint", "stage": stage, "step": step, "path": str(path)})

@@ -332,7 +332,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
 @pytest.mark.parametrize("field, value", [
     ("steps", 0), ("steps", 1.5), ("lr", 0), ("lr", -1e-3), ("lr", float("nan")),
     ("weight_decay", -0.1), ("warmup_steps", -1), ("batch_size", 0), ("grad_accum", 0),
-    ("max_length", 1), ("max_grad_norm", 0.0), ("checkpoint_every", -1), ("seed", -1),
+    ("max_length", 1), ("max_grad_norm", -1.0), ("checkpoint_every", -1), ("seed", -1),
     ("device", "tpu"),
 ])
 def test_bad_config_raises_naming_the_field(field, value):

@@ -9,7 +9,6 @@ and makes every step resumable: a step whose artifact exists is not done again.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import random
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -21,7 +20,8 @@ import torch
 from ..data.tasks import Example, Task
 from ..models import WEIGHTS_FILE, load_weights, save_weights
 from ..runs import RunDir, checkpoint_root
-from ..train import TrainConfig, TrainHook, train
+from ..settings import TrainConfig
+from ..train import TrainHook, train
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -79,7 +79,7 @@ class Context:
         hook: TrainHook | None = None,
     ) -> torch.nn.Module:
         """Train ``model`` in place for ``steps`` optimizer steps; events and checkpoints go to the run."""
-        settings = dataclasses.replace(self.train_config, steps=steps, **({"lr": lr} if lr else {}))
+        settings = self.train_config.model_copy(update={"steps": steps, **({"lr": lr} if lr else {})})
         checkpoint_dir = self.run.path / checkpoint_root(stage)
         self._stage_checkpoints.append(checkpoint_dir)
         self.run.set_stage(stage)
