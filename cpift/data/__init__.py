@@ -7,7 +7,9 @@
   ``logic``, ``format`` and the conflicting pair ``format_upper`` / ``format_lower``);
 * :mod:`cpift.data.retention` — never-trained-on prose and easy questions to measure forgetting;
 * :mod:`cpift.data.hub` — GSM8K, CodeAlpaca, LogiQA, Alpaca, UltraChat or any dataset, from the
-  hub or local files;
+  hub or local files; :mod:`cpift.data.spec` — the dataset spec both the config and the loader use;
+* :mod:`cpift.data.bigbench` — BIG-bench tasks offline (``bigbench:<path>``);
+* :mod:`cpift.data.chat` — rendering and tokenizing chat examples, for training and scoring alike;
 * :mod:`cpift.data.registry` — :func:`get_task` by name or spec, :func:`available_tasks`.
 """
 
