@@ -46,17 +46,41 @@ def show_error(exc: BaseException) -> None:
         st.error(f"{type(exc).__name__}: {exc}")
 
 
-@contextmanager
-def errors_shown() -> Iterator[None]:
-    """Run a page's body, turning any error (a damaged run, a bad value) into :func:`show_error`.
+@dataclass
+class Caught:
+    """What an :func:`errors_shown` block caught: ``error`` stays None when the block ran through."""
 
-    Streamlit's own control flow (``st.stop``, ``st.rerun``) derives from ``BaseException`` and
-    passes through.
+    error: Exception | None = None
+
+
+@contextmanager
+def errors_shown(keep_as: str | None = None) -> Iterator[Caught]:
+    """Run a page's body, or a part of it, turning any error (a damaged run, a bad value) into
+    :func:`show_error`; the code after the block goes on. The app's one way of showing errors.
+
+    Yields a :class:`Caught`, for code that also reacts to a failure (shows a fallback, keeps a
+    button off). ``keep_as`` is for widget callbacks, which run before the page is drawn (a
+    message would land at its top): the error is kept under that session key instead, for
+    :func:`show_kept_error` to show where the widget is. As a decorator (``@errors_shown()``) it
+    wraps every call. Streamlit's own control flow (``st.stop``, ``st.rerun``) derives from
+    ``BaseException`` and passes through.
     """
+    caught = Caught()
     try:
-        yield
+        yield caught
     except Exception as exc:  # noqa: BLE001 - every failure is a message on the page, not a crash
-        show_error(exc)
+        caught.error = exc
+        if keep_as is None:
+            show_error(exc)
+        else:
+            st.session_state[keep_as] = exc
+
+
+def show_kept_error(key: str) -> None:
+    """Show, once, the error an ``errors_shown(keep_as=key)`` block kept (if any)."""
+    error = st.session_state.pop(key, None)
+    if error is not None:
+        show_error(error)
 
 
 # -- deep-link state -----------------------------------------------------------------------------
@@ -136,7 +160,8 @@ def list_runs() -> list[str]:
     return found
 
 
-def _resolve(path: str) -> Path:
+def resolve_path(path: str) -> Path:
+    """A path typed in the app: absolute as given (after ``~``), else relative to the repository root."""
     candidate = Path(path).expanduser()
     return candidate if candidate.is_absolute() else REPO / candidate
 
@@ -163,11 +188,9 @@ def pick_run() -> RunDir | None:
     remember("run", chosen)
     if chosen == CUSTOM:
         return None
-    try:
-        return RunDir.open(_resolve(chosen))
-    except Exception as exc:  # noqa: BLE001 - any unreadable run is a message, not a crash
-        show_error(exc)
-        return None
+    with errors_shown():  # an unreadable run is a message
+        return RunDir.open(resolve_path(chosen))
+    return None
 
 
 def _stamp(run: RunDir) -> float:
@@ -242,14 +265,11 @@ def source() -> Source | None:
     if run is None:
         custom = st.session_state.get("custom_source")
         return custom if st.session_state.get("_run") == CUSTOM else None
-    try:
+    with errors_shown():  # unreadable regions are a message
         saved = _saved_regions(str(run.path), _stamp(run))
         probes = bool(probe_models(run, saved.tasks))
-    except Exception as exc:  # noqa: BLE001
-        show_error(exc)
-        return None
-    p_max = 100.0 if probes else saved.max_p
-    return Source(str(run.path.name), run, saved, p_max, probes)
+        return Source(str(run.path.name), run, saved, 100.0 if probes else saved.max_p, probes)
+    return None
 
 
 def page_source() -> Source:

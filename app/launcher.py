@@ -11,7 +11,7 @@ import datetime as _dt
 from pathlib import Path
 
 import streamlit as st
-from common import REPO, _resolve, remember, show_error
+from common import REPO, errors_shown, remember, resolve_path, show_kept_error
 
 from cpift.config import Config, parse_config, read_config
 from cpift.estimate import estimate_cpu_seconds
@@ -21,6 +21,8 @@ from cpift.methods import METHODS
 CONFIGS = REPO / "configs"
 #: The page that watches a run, where the Runs page sends a run it starts.
 TRAINING_PAGE = "views/training.py"
+#: Session key of a failed start, kept by the button's callback for the form to show under the button.
+LAUNCH_ERROR = "launch_error"
 
 
 def presets() -> dict[str, Path]:
@@ -44,15 +46,12 @@ def _config(text: str, methods: list[str]) -> Config:
 
 def _launch(text: str, out: str, methods: list[str]) -> None:
     """Button callback: start the run, then make it the picked run (widgets may be set here only)."""
-    try:
-        launch = start_run(_config(text, methods), _resolve(out))
-    except Exception as exc:  # noqa: BLE001 - shown on the page by new_run_form
-        st.session_state["launch_error"] = exc
-        return
-    remember("run", str(launch.run_dir))
-    st.session_state["w_run"] = str(launch.run_dir)
-    st.session_state["w_run_path"] = ""
-    st.session_state["launched"] = str(launch.run_dir)
+    with errors_shown(keep_as=LAUNCH_ERROR):
+        launch = start_run(_config(text, methods), resolve_path(out))
+        remember("run", str(launch.run_dir))
+        st.session_state["w_run"] = str(launch.run_dir)
+        st.session_state["w_run_path"] = ""
+        st.session_state["launched"] = str(launch.run_dir)
 
 
 def new_run_form(key: str) -> str | None:
@@ -74,13 +73,10 @@ def new_run_form(key: str) -> str | None:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = st.text_input("Run directory (relative to the repository, or absolute)",
                         value=f"runs/{name or 'run'}-{stamp}", key=f"{key}_out")
-    try:
+    with errors_shown() as invalid:  # an invalid config is a message, and the button stays off
         config = _config(text, methods)
         device = launch_device(config)
-    except Exception as exc:  # noqa: BLE001 - an invalid config is a message; the button stays off
-        show_error(exc)
-        config = device = None
-    if config is not None:
+    if invalid.error is None:
         if device == "cpu":
             estimate = estimate_cpu_seconds(config)
             st.caption(f"Trains on the CPU (no GPU here). Estimated time: about {_duration(estimate.total_s)} "
@@ -89,9 +85,7 @@ def new_run_form(key: str) -> str | None:
                        "costs were measured for the embedded SmolLM2-135M only.")
         else:
             st.caption(f"Trains on {device}.")
-    st.button("Start run", key=f"{key}_start", type="primary", disabled=config is None,
+    st.button("Start run", key=f"{key}_start", type="primary", disabled=invalid.error is not None,
               on_click=_launch, args=(text, out, methods))
-    error = st.session_state.pop("launch_error", None)
-    if error is not None:
-        show_error(error)
+    show_kept_error(LAUNCH_ERROR)
     return st.session_state.pop("launched", None)

@@ -2,16 +2,15 @@
 
 Deep links: the page is the URL path (``/grouping``; ``/`` is sent to ``/runs``, a link with ``?page=grouping``
 to ``/grouping``) and ``run``, ``p``, ``tau`` and ``layer`` are query parameters (see ``app/common.py``).
+
+Imports: Streamlit puts the entry point's folder (``app/``) on ``sys.path`` for every script run, page
+and callback (``streamlit run`` from any directory, and ``AppTest``), so the pages import the modules
+beside this one by their own names: ``from common import …``, ``from launcher import …``.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import streamlit as st
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # pages import app/common.py as `common`
 
 st.set_page_config(page_title="cpift", layout="wide")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import streamlit as st
-from common import _resolve, list_runs, pick_run, show_error
+from common import errors_shown, list_runs, pick_run, resolve_path
 
 from cpift.pipeline import compare
 from cpift.plots.compare import merge_metrics
@@ -47,7 +47,7 @@ def chosen_runs(current: RunDir | None) -> list[Path]:
     default = [current_label] if current_label else listed[:1]
     picked = st.multiselect("Runs", options, default=default, key="w_compare_runs")
     typed = st.text_input("More run directories (comma-separated paths)", key="w_compare_more")
-    paths = [_resolve(p) for p in [*picked, *typed.split(",")] if p.strip()]
+    paths = [resolve_path(p) for p in [*picked, *typed.split(",")] if p.strip()]
     return list(dict.fromkeys(p.resolve() for p in paths))
 
 
@@ -89,8 +89,6 @@ paths = chosen_runs(current)
 if not paths:
     st.info("Choose at least one run.")
     st.stop()
-try:
+with errors_shown():
     show(paths)
     report(paths)
-except Exception as exc:  # noqa: BLE001 - a missing or damaged run is a message, not a crash
-    show_error(exc)

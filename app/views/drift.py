@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-from common import pick_run, show_error
+from common import errors_shown, pick_run
 
 from cpift.runs import EPI_DRIFT
 from cpift.plots import drift_figure
@@ -16,14 +16,12 @@ st.caption("EPI re-selects the protected set — the top p% of an exponential mo
 
 run = pick_run()
 if run is not None:
-    try:
+    with errors_shown():
         drift = run.read_json(EPI_DRIFT, default=None)
         if drift is None:
-            st.info(f"{run.path.name} has no EPI run ({DRIFT} is missing): add \"epi\" to run.methods.")
+            st.info(f"{run.path.name} has no EPI run ({EPI_DRIFT} is missing): add \"epi\" to run.methods.")
         elif not drift["refreshes"]:
             st.info(f"No refresh yet: the first comes after {drift['interval']} optimizer step(s).")
         else:
             st.plotly_chart(drift_figure(drift, title=f"Importance drift — {run.path.name}"), key="drift")
             st.dataframe(pd.DataFrame(drift["refreshes"]), hide_index=True)
-    except Exception as exc:  # noqa: BLE001 - a damaged run is a message, not a crash
-        show_error(exc)

@@ -4,7 +4,7 @@ between base and task tensors; optionally a quick score of the fused model."""
 from __future__ import annotations
 
 import streamlit as st
-from common import Source, errors_shown, memo, p_slider, page_source, show_error
+from common import Source, errors_shown, memo, p_slider, page_source
 
 from cpift.explore import quick_fusion_eval
 from cpift.fusion import OVERLAP_RULES, transplant_report
@@ -28,11 +28,8 @@ def quick_eval(src: Source, regions, omega: float, overlap: str) -> None:
         return
     n = st.number_input("Items per task", min_value=1, max_value=32, value=4, key="w_eval_items")
     if st.button(f"Fuse at ω = {omega:.2f}, {overlap}, and score"):
-        try:
-            with st.spinner("Fusing the probes and generating…"):
-                st.session_state["quick_eval"] = quick_fusion_eval(src.run, regions, omega, overlap, int(n))
-        except Exception as exc:  # noqa: BLE001
-            show_error(exc)
+        with errors_shown(), st.spinner("Fusing the probes and generating…"):
+            st.session_state["quick_eval"] = quick_fusion_eval(src.run, regions, omega, overlap, int(n))
     if "quick_eval" in st.session_state:
         st.dataframe(st.session_state["quick_eval"], hide_index=True)
 

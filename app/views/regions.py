@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
-from common import CUSTOM, Source, errors_shown, p_slider, page_source, remember, show_error
+from common import CUSTOM, Source, errors_shown, p_slider, page_source, remember
 
 from cpift.errors import ParameterError
 from cpift.overlap import GROUP_BY
@@ -26,7 +26,7 @@ def checkpoints_form() -> None:
             submitted = st.form_submit_button("Compute")
         if not submitted:
             return
-        try:
+        with errors_shown():  # bad lines, paths and models are messages
             tuned = {}
             for number, line in enumerate(lines.splitlines(), start=1):
                 if line.strip():
@@ -36,16 +36,13 @@ def checkpoints_form() -> None:
                     tuned[name.strip()] = model.strip()
             with st.spinner("Reading the checkpoints…"):
                 regions = core_regions(base.strip(), tuned, p=p, progress=False)
-        except Exception as exc:  # noqa: BLE001 - bad paths and models are messages
-            show_error(exc)
-            return
-        st.session_state["custom_source"] = Source(f"{base} + {len(tuned)} tasks", None, regions, 100.0, False)
-        st.session_state.pop("custom_at", None)
-        remember("run", CUSTOM)
-        remember("p", regions.p)  # the sliders start at the p just computed
-        st.session_state["w_run"] = CUSTOM
-        st.session_state.pop("w_p", None)
-        st.rerun()
+            st.session_state["custom_source"] = Source(f"{base} + {len(tuned)} tasks", None, regions, 100.0, False)
+            st.session_state.pop("custom_at", None)
+            remember("run", CUSTOM)
+            remember("p", regions.p)  # the sliders start at the p just computed
+            st.session_state["w_run"] = CUSTOM
+            st.session_state.pop("w_p", None)
+            st.rerun()
 
 
 @st.fragment

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import streamlit as st
-from common import pick_run, show_error
+from common import errors_shown, pick_run
 from launcher import TRAINING_PAGE, new_run_form
 
 from cpift.config import parse_config
-from cpift.errors import CpiftError
 from cpift.explore import run_progress
 from cpift.pipeline import compare
 from cpift.runs import METRICS_CSV
@@ -49,10 +48,9 @@ def show_run(run) -> None:
     else:
         st.info("No metrics yet: the run has not finished its first method.")
     with st.expander("Config", expanded=False):
-        try:
+        with errors_shown() as unreadable:
             st.code(parse_config(run.config).to_toml(), language="toml")
-        except CpiftError as exc:  # a config this cpift cannot read: show what is stored
-            show_error(exc)
+        if unreadable.error is not None:  # a config this cpift cannot read: show what is stored
             st.json(run.config)
     if progress.status in ("failed", "died") and progress.log_tail:
         with st.expander("End of the log", expanded=progress.status == "failed"):
@@ -61,10 +59,8 @@ def show_run(run) -> None:
 
 run = pick_run()
 if run is not None:
-    try:
+    with errors_shown():
         show_run(run)
-    except Exception as exc:  # noqa: BLE001 - a damaged run is a message, not a crash
-        show_error(exc)
 
 st.divider()
 st.subheader("Start a new run")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import streamlit as st
-from common import pick_run, show_error
+from common import errors_shown, pick_run
 from launcher import new_run_form
 
 from cpift.explore import run_progress
@@ -26,15 +26,9 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
+@errors_shown()  # polled as a fragment, which reruns alone, outside the page's own errors_shown
 def show_progress(path: str) -> None:
     """The run's progress; polled every :data:`REFRESH_S` while a process works on it."""
-    try:
-        _show_progress(path)
-    except Exception as exc:  # noqa: BLE001 - a damaged run or a failed resume is a message, not a crash
-        show_error(exc)
-
-
-def _show_progress(path: str) -> None:
     progress = run_progress(path)
     was_active = st.session_state.get(f"_was_active:{path}")
     st.session_state[f"_was_active:{path}"] = progress.active
@@ -83,11 +77,9 @@ def actions(progress) -> None:
 run = pick_run()
 if run is not None:
     st.subheader(run.path.name)
-    try:
+    with errors_shown():
         active = run_progress(run.path).active
         st.fragment(run_every=REFRESH_S if active else None)(show_progress)(str(run.path))
-    except Exception as exc:  # noqa: BLE001 - a damaged run or a failed launch is a message, not a crash
-        show_error(exc)
 
 with st.expander("Start a run", expanded=run is None):
     new_run_form("training_form")
