@@ -59,7 +59,7 @@ def test_multiple_choice_task(cached: Path) -> None:
     assert not {e.meta["index"] for e in task.train} & {e.meta["index"] for e in task.eval}
     example = task.eval[0]
     assert example.options == ("The red book is the leftmost.", "The blue book is the leftmost.")
-    assert example.target == (0,)
+    assert example.correct == (0,) and example.target == ("The red book is the leftmost.",)
     assert example.prompt[0]["content"].startswith("Order them.\n\nShelf ")  # header prefixes, choices not appended
     assert example.answer == "The red book is the leftmost."  # training teaches the correct option's text
     assert task.score(example, "the red book is the leftmost") == 1.0 and task.score(example, "blue") == 0.0

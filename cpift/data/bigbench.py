@@ -12,8 +12,9 @@ A task is named ``bigbench:<path>`` (``bigbench:logical_deduction/three_objects`
 have an ``input`` and either ``target_scores`` (multiple choice: option text → score) or a
 ``target`` (free text). cpift follows the task's ``preferred_score``: a multiple-choice example
 (``preferred_score`` ``multiple_choice_grade``, or no ``target``) keeps its options and is scored by
-log-likelihood (the correct options are those of the highest score); any other is a generation
-example scored by exact match of its ``target`` (or any of its targets). Training on an example
+log-likelihood (the correct options are those of the highest score; a generated answer, should a
+caller generate, matches when it equals a correct option); any other is a generation example scored
+by exact match of its ``target`` (or any of its targets), :func:`~cpift.data.scoring.text_match`. Training on an example
 teaches the correct option's text, or the target, as the assistant's answer.
 
 The prompt is rendered as BIG-bench renders a zero-shot query, with its task-header prefixes and
@@ -28,7 +29,6 @@ training set; a task with fewer examples caps ``n_eval`` at half of them (a warn
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import json
@@ -49,7 +49,7 @@ from .scoring import text_match
 from .tasks import Example, Task
 
 __all__ = ["PREFIX", "SDIST", "SDIST_SHA256", "bigbench_task", "cache_root", "fetch", "is_bigbench_name",
-           "score_completion", "task_json", "task_paths"]
+           "task_json", "task_paths"]
 
 _log = logging.getLogger(__name__)
 
@@ -176,23 +176,15 @@ def _example(name: str, header: Mapping[str, Any], raw: Mapping[str, Any], index
         options = tuple(str(option) for option in scores)
         best = max(scores.values())
         correct = tuple(i for i, value in enumerate(scores.values()) if value == best)
-        answer, target = options[correct[0]], correct
+        answer, target = options[correct[0]], tuple(options[i] for i in correct)
     elif targets:
-        options, answer, target = (), targets[0], tuple(targets)
+        options, correct, answer, target = (), (), targets[0], tuple(targets)
     else:
         return None
     prompt = _render(header, raw, options)
     messages = ({"role": "user", "content": prompt}, {"role": "assistant", "content": answer})
-    return Example(messages=messages, target=target, options=options, meta={"task": name, "index": index})
-
-
-def score_completion(example: Example, completion: str) -> float:
-    """A generated completion's score: 1.0 when it equals a target — a correct option of a
-    multiple-choice example — after case folding and stripping (:func:`~cpift.data.scoring.text_match`).
-    Multiple-choice examples are normally scored by log-likelihood instead."""
-    if example.options:
-        example = dataclasses.replace(example, target=[example.options[i] for i in example.target])
-    return text_match(example, completion)
+    return Example(messages=messages, target=target, options=options, correct=correct,
+                   meta={"task": name, "index": index})
 
 
 def bigbench_task(name: str, n_train: int = 64, n_eval: int = 32, seed: int = 0) -> Task:
@@ -225,7 +217,7 @@ def bigbench_task(name: str, n_train: int = 64, n_eval: int = 32, seed: int = 0)
         family=str(header.get("keywords", ["bigbench"])[0]),
         train=tuple(shuffled[n_eval:n_eval + n_train]),
         eval=tuple(shuffled[:n_eval]),
-        score=score_completion,
+        score=text_match,
         metric="accuracy" if multiple_choice else "exact_match",
         description=str(header.get("description", "")),
     )

@@ -21,7 +21,9 @@ task               family    metric        what it asks, and how an answer is sc
                                            words, number and quantity comparisons, weekdays);
                                            answers are one short reason ending with the chosen
                                            option, then the letter ("Monday + 3 days = Thursday.
-                                           Answer: C"); scored by the letter
+                                           Answer: C"); scored by log-likelihood over the four
+                                           option texts (the example's ``options``), or, for a
+                                           generated answer, by the letter
                                            (:func:`~cpift.data.scoring.choice_letter`). The hardest
                                            family for a 135M model: letter choice is near chance
                                            and 30 steps teach the format before the reasoning
@@ -306,14 +308,14 @@ _NONSENSE = ("zorps", "blickets", "flims", "wugs", "daxes", "toves", "glorps", "
              "brillers", "moxes", "fendles")
 
 
-def _choice_prompt(rng: random.Random, question: str, correct: str, wrong: list[str]) -> tuple[str, str]:
+def _choice_prompt(rng: random.Random, question: str, correct: str, wrong: list[str]
+                   ) -> tuple[str, list[str], int]:
     options = [correct, *wrong[:3]]
     if len(set(options)) != 4:
         raise AssertionError(f"logic template produced duplicate options: {options}")
     rng.shuffle(options)
-    letter = "ABCD"[options.index(correct)]
     lines = "\n".join(f"{l}. {o}" for l, o in zip("ABCD", options))
-    return f"{question}\n{lines}", letter
+    return f"{question}\n{lines}", options, options.index(correct)
 
 
 def _logic(rng: random.Random) -> Drawn:
@@ -380,8 +382,10 @@ def _logic(rng: random.Random) -> Drawn:
                     f"Who has the {'most' if most else 'fewest'} {item}?")
         wrong = [x for x in p if x != correct] + ["They have the same number"]
         why = ", ".join(f"{x} {counts[x]}" for x in p) + f". {'Most' if most else 'Fewest'}: {correct}."
-    prompt, letter = _choice_prompt(rng, question, correct, wrong)
-    return prompt, f"{why} Answer: {letter}", letter, {"template": kind}
+    prompt, options, index = _choice_prompt(rng, question, correct, wrong)
+    letter = "ABCD"[index]
+    meta = {"template": kind, "options": tuple(options), "correct": (index,)}
+    return prompt, f"{why} Answer: {letter}", letter, meta
 
 
 # ==============================================================================================
@@ -518,7 +522,7 @@ _SPECS: dict[str, _Spec] = {
                   "Write a one-line Python function; scored by hidden unit tests run in the sandbox."),
     "logic": _Spec("logic", "accuracy", scoring.letter_match, _logic, "logic",
                    "Multiple choice A-D: orderings, syllogisms, comparisons, weekdays; answers are a "
-                   "short reason then 'Answer: X'; scored by the chosen letter."),
+                   "short reason then 'Answer: X'; scored by log-likelihood over the options."),
     "format": _Spec("format", "rule_pass", scoring.rules_pass, _format, "format",
                     "Explicit format instructions (JSON keys, bullet count, letter case, word limit); "
                     "scored by checking the rules."),
@@ -574,7 +578,8 @@ def embedded_task(name: str, n_train: Annotated[int, Field(ge=0)] = 64, n_eval: 
             continue
         seen.add(prompt)
         messages = ({"role": "user", "content": prompt}, {"role": "assistant", "content": answer})
-        examples.append(Example(messages=messages, target=target, meta={"task": name, **meta}))
+        choices = {key: meta.pop(key) for key in ("options", "correct") if key in meta}  # multiple choice
+        examples.append(Example(messages=messages, target=target, meta={"task": name, **meta}, **choices))
     if len(examples) < wanted:
         raise ParameterError(
             f"embedded task {name!r} made only {len(examples)} distinct prompts, fewer than "

@@ -22,14 +22,16 @@ class Example:
     the prompt is every message before the last assistant turn. ``target`` holds what the
     evaluator compares against (the final number, the correct choice letter, hidden unit tests,
     format rules), and ``meta`` anything else a source wants to keep (ids, difficulty). A
-    multiple-choice example lists its answer ``options`` (texts a model's answer is chosen among,
-    by log-likelihood) and ``target`` holds the indices of the correct ones.
+    multiple-choice example also lists its answer ``options`` — the texts a model's answer is
+    chosen among by log-likelihood (:func:`cpift.evaluate.choice_logprobs`) — and the indices of
+    the ``correct`` ones.
     """
 
     messages: tuple[Message, ...]
     target: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
     options: tuple[str, ...] = ()
+    correct: tuple[int, ...] = ()
 
     @property
     def prompt(self) -> tuple[Message, ...]:
