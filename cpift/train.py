@@ -12,17 +12,18 @@ start is kept); an example whose answer lies wholly beyond the cut would train o
 is dropped and counted in :attr:`TrainResult.examples_skipped`. Batches are padded on the right.
 
 Order. Training samples come from an endless stream: epoch ``e`` is a permutation of the examples
-drawn from ``numpy.random.default_rng([seed, e])``, and optimizer step ``s`` takes the stream's
+drawn from ``numpy.random.default_rng([seed, e])``, grouped by length (windows of 16 batches
+sorted by length, the window's batches shuffled), and optimizer step ``s`` takes the stream's
 positions ``s·B·A … (s+1)·B·A − 1`` (B = batch size, A = gradient accumulation; with several
 processes each takes its own slice). The batch of any step is therefore a pure function of the
 seed and the step number, which is what makes resuming exact.
 
 Loss. Cross-entropy summed over the assistant tokens of the whole accumulation window and
-divided by their number, so every answer token weighs the same however the tokens fall into
+divided by their number (the LM head runs at those tokens only), so every answer token weighs the same however the tokens fall into
 micro-batches (with several processes each normalises by its own count, and gradients are
 averaged). The ``loss`` reported per step is that token-weighted mean.
 
-Optimizer. AdamW from torch (betas 0.9/0.999); weight decay on matrices only — 1-D parameters
+Optimizer. AdamW from torch (betas 0.9/0.999; the fused kernel on CPU and CUDA); weight decay on matrices only — 1-D parameters
 (norm weights, biases) are not decayed, as in nanoGPT and the Hugging Face Trainer. It is always
 wrapped in :class:`~cpift.freezing.MaskedOptimizer` (with no masks the wrapper does nothing), so
 frozen elements stay bit-identical through the AdamW update *and* its weight decay. Gradient
@@ -119,27 +120,49 @@ def _n_targets(batch: Mapping[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def _loss_sum(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy summed over the assistant tokens of a batch on the model's device."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-        batch["labels"][:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
+def _loss_sum(model: torch.nn.Module, head: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy summed over the assistant tokens of a batch on the model's device.
+
+    The LM head and the cross-entropy run only at the positions that carry loss (about a quarter
+    of a padded chat batch): the model's forward returns its last hidden states (keeping the
+    logits of one position only), and ``head`` — its output embedding — is applied to the
+    gathered positions. The forward still goes through ``model`` itself, so a DDP wrapper syncs.
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                output_hidden_states=True, logits_to_keep=1)
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    logits = head(out.hidden_states[-1][:, :-1][keep]).float()
+    return F.cross_entropy(logits, labels[keep], reduction="sum")
+
+
+# Examples per window of the stream sorted by length: batches pad little, and the order within
+# an epoch stays random at the scale of windows.
+_LENGTH_WINDOW_BATCHES = 16
 
 
 @functools.lru_cache(maxsize=4)
-def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    return tuple(np.random.default_rng([seed, epoch]).permutation(n).tolist())
+def _epoch_order(lengths: tuple[int, ...], seed: int, epoch: int, batch_size: int) -> tuple[int, ...]:
+    """Epoch ``epoch`` of the stream: a seeded permutation, cut into windows of
+    :data:`_LENGTH_WINDOW_BATCHES` batches; within a window the examples are sorted by length and
+    its batches shuffled. A pure function of its arguments, so resuming stays exact."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)).tolist()
+    window = batch_size * _LENGTH_WINDOW_BATCHES
+    out: list[int] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lengths.__getitem__)
+        batches = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        out += [i for b in rng.permutation(len(batches)).tolist() for i in batches[b]]
+    return tuple(out)
 
 
-def _stream_indices(n: int, seed: int, first: int, count: int) -> list[int]:
+def _stream_indices(lengths: tuple[int, ...], seed: int, batch_size: int, first: int, count: int) -> list[int]:
     """Example indices at positions ``first … first+count−1`` of the endless seeded stream."""
     out = []
     for k in range(first, first + count):
-        epoch, pos = divmod(k, n)
-        out.append(_epoch_order(n, seed, epoch)[pos])
+        epoch, pos = divmod(k, len(lengths))
+        out.append(_epoch_order(lengths, seed, epoch, batch_size)[pos])
     return out
 
 
@@ -148,14 +171,15 @@ def _micro_batches(data: Sequence[Mapping[str, list[int]]], pad_id: int, config:
     """The collated micro-batches process ``rank`` of ``world`` trains on at optimizer step ``step``
     (0-based): its slices of the seeded stream, a pure function of (seed, step)."""
     batches = []
+    lengths = tuple(len(example["input_ids"]) for example in data)
     for micro in range(config.grad_accum):
         first = ((step * config.grad_accum + micro) * world + rank) * config.batch_size
-        indices = _stream_indices(len(data), config.seed, first, config.batch_size)
+        indices = _stream_indices(lengths, config.seed, config.batch_size, first, config.batch_size)
         batches.append(collate([data[i] for i in indices], pad_id))
     return batches
 
 
-def _forward_backward(accelerator: Any, model: torch.nn.Module,
+def _forward_backward(accelerator: Any, model: torch.nn.Module, head: torch.nn.Module,
                       batches: Sequence[Mapping[str, torch.Tensor]]) -> tuple[float, int]:
     """Accumulate one optimizer step's gradient over its micro-batches.
 
@@ -171,7 +195,7 @@ def _forward_backward(accelerator: Any, model: torch.nn.Module,
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         sync = micro == len(batches) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            micro_sum = _loss_sum(model, batch)
+            micro_sum = _loss_sum(model, head, batch)
             accelerator.backward(micro_sum / n_targets)
         loss_sum += micro_sum.detach()
         n_tokens += int(batch["attention_mask"].sum())
@@ -304,6 +328,15 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [g for g in groups if g["params"]]
 
 
+def _adamw(groups: list[dict[str, Any]], lr: float, device: torch.device) -> torch.optim.AdamW:
+    """torch's AdamW, fused into one kernel where the device has it (CPU and CUDA: several times
+    faster than the per-tensor loop, same update); the default implementation elsewhere."""
+    if device.type in ("cpu", "cuda"):
+        with contextlib.suppress(RuntimeError, ValueError):
+            return torch.optim.AdamW(groups, lr=lr, fused=True)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
 def train(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -396,7 +429,8 @@ def train(
         # Masks of parameters that do not train at all are moot; unknown names still fail.
         return {n: m for n, m in (masks or {}).items() if n not in known or n in trainable}
 
-    optimizer = torch.optim.AdamW(_param_groups(raw_model, config.weight_decay), lr=config.lr)
+    head = raw_model.get_output_embeddings()
+    optimizer = _adamw(_param_groups(raw_model, config.weight_decay), config.lr, accelerator.device)
     masked = MaskedOptimizer(optimizer, raw_model, trainable_only(frozen))
     scheduler = get_cosine_schedule_with_warmup(masked.optimizer, config.warmup_steps, config.steps)
     register_state(accelerator, optimizer, scheduler, hook)
@@ -432,7 +466,7 @@ def train(
         while step < config.steps:
             # forward and backward
             batches = _micro_batches(data, pad_id, config, step, world, rank)
-            loss, tokens = _forward_backward(accelerator, model, batches)
+            loss, tokens = _forward_backward(accelerator, model, head, batches)
             tokens_run += tokens
             if not math.isfinite(loss):
                 raise CpiftError(
@@ -561,7 +595,8 @@ def estimate_gradients(
     try:
         for i, batch in enumerate(tqdm(batches, desc=stage, unit="batch",
                                        disable=None if progress is None else not progress)):
-            loss_sum = _loss_sum(prepared, {k: v.to(accelerator.device) for k, v in batch.items()})
+            loss_sum = _loss_sum(prepared, accelerator.unwrap_model(prepared).get_output_embeddings(),
+                                 {k: v.to(accelerator.device) for k, v in batch.items()})
             if not torch.isfinite(loss_sum):
                 raise CpiftError(f"stage {stage!r}: the loss is {float(loss_sum)} on batch {i + 1} of {len(batches)}")
             accelerator.backward(loss_sum / n_targets)

@@ -364,3 +364,30 @@ def test_nan_loss_stops_naming_stage_and_step():
     with pytest.raises(CpiftError, match=r"stage 'math'.*step 1 of 3"):
         train(model, tiny_tokenizer(), make_examples(), config, stage="math", progress=False)
     assert not model.training
+
+
+def test_head_only_loss_equals_the_full_loss_and_its_gradient():
+    """The LM head and cross-entropy at the labelled positions only give the full computation's
+    loss (to 1e-5) and gradients."""
+    from cpift.data.chat import pad_token_id, tokenize_examples
+    from cpift.train import _loss_sum
+
+    model, tokenizer = make_model(), tiny_tokenizer()
+    data, _ = tokenize_examples(tokenizer, make_examples()[:4], 64, "test")
+    batch = collate(data, pad_token_id(tokenizer))
+
+    def full_loss():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
+                                                 batch["labels"][:, 1:].reshape(-1), ignore_index=-100,
+                                                 reduction="sum")
+
+    expected = full_loss()
+    expected.backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    got = _loss_sum(model, model.get_output_embeddings(), batch)
+    got.backward()
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
