@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .config import Config, ConfigError, config_changes, load_config
+from .config import Config, ConfigError, config_changes, cpu_threads, load_config
 from .data import get_task, retention_task, retention_text
 from .data.tasks import Task
 from .evaluate import EvalCache, evaluate_model, summarize
@@ -122,6 +122,8 @@ def run_config(
     settings = train_config(config)  # validated, like everything else, before the run exists
     run = open_run(out, config, resume=resume, add_methods=add_methods)
     with run.lock(), run.running():
+        torch.set_num_threads(threads := cpu_threads(config.run.threads))
+        run.log_event(event="threads", threads=threads)
         model, tokenizer = load_base(config)
         cache = EvalCache(run.path_for(EVAL_CACHE))
         options = {"max_new_tokens": config.eval.max_new_tokens, "batch_size": config.eval.batch_size,

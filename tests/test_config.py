@@ -361,3 +361,23 @@ def test_overrides(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path, ["train.steps=0"])
     assert info.value.key == "train.steps"
+
+
+def test_cpu_threads_follow_the_setting_or_the_free_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cpift.config import cpu_threads
+
+    assert parse_config(MINIMAL).run.threads is None
+    assert parse_config(with_value(MINIMAL, "run.threads", 3)).run.threads == 3
+    with pytest.raises(ConfigError, match=r"run\.threads: must be >= 1"):
+        parse_config(with_value(MINIMAL, "run.threads", 0))
+    assert cpu_threads(5) == 5
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert cpu_threads() == 1
+    monkeypatch.setattr("os.getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert cpu_threads() == 2
+    monkeypatch.setattr("os.getloadavg", lambda: (7.0, 0.0, 0.0))
+    assert cpu_threads() == 1
