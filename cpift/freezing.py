@@ -10,20 +10,33 @@ momentum buffer, Adam's first moment). :class:`MaskedOptimizer` therefore wraps 
    ``exp_avg``/``exp_avg_sq``, SGD's momentum buffer) do not accumulate from frozen positions —
    otherwise, when an element is later released (a new CPI-FT stage, an EPI re-selection), the
    stale moments would kick it with an update that has nothing to do with its current gradient;
-2. gathers the current values of frozen elements (``index_select`` on the flattened parameter);
+2. saves what it needs to undo the step on frozen elements;
 3. runs the wrapped optimizer's step unchanged;
-4. writes the saved values back (``index_copy_`` under ``torch.no_grad()``).
+4. writes the frozen elements' saved values back (under ``torch.no_grad()``).
 
 Frozen elements are therefore bit-identical before and after each step, for any optimizer.
 
-Cost: the flat int64 indices of frozen elements are computed once per mask
-(:meth:`MaskedOptimizer.set_frozen`); parameters with no frozen element are never touched. Each step
-then does three indexed passes (fill, select, copy) over the frozen elements only, plus a transient
-buffer of their values: memory-bound and proportional to the frozen count, not to the model. On a
-135M-parameter Llama on CPU with 1% of elements frozen (the CPI-FT default p) this was about 1% of
-the AdamW step alone and well under 1% of a whole training step. The indices cost 8 bytes per frozen
-element, so the wrapper suits sparse protection (CPI-FT cores, EPI); to freeze most of a model, give
-the optimizer fewer parameters instead. A fully frozen parameter takes the same path as any other.
+Each parameter's mask is kept as the flat int64 indices of its *smaller* side, computed once per
+mask (:meth:`MaskedOptimizer.set_frozen`), so a parameter costs 8 bytes per element of whichever
+side is smaller, at most 4 bytes per element of the parameter; parameters with no frozen element
+are never touched. Whether the caller names what is frozen (CPI-FT cores, EPI) or what trains
+(the complement of a sparse selection: GaLLoP, SAFT, PaFi), the memory follows the small side;
+:attr:`MaskedOptimizer.index_bytes` tells what it holds.
+
+* **Mostly trainable** (indices of the frozen elements): three indexed passes per step over the
+  frozen elements only — zero their gradients (``index_fill_``), gather their values
+  (``index_select``), write them back (``index_copy_``) — plus a transient buffer of their values.
+  On a 135M-parameter Llama on CPU with 1% of elements frozen (the CPI-FT default p) this was
+  about 1% of the AdamW step alone and well under 1% of a whole training step.
+* **Mostly frozen** (indices of the trainable elements): the trainable elements' gradients are
+  gathered, the whole gradient zeroed and they are written back; the parameter is copied whole
+  before the step (a transient copy: the other way would gather more than half of it) and after
+  it the trainable elements' new values are scattered into that copy, which is copied back —
+  plain copies of the tensor and indexed passes over the trainable elements only. Freezing the
+  complement of a 1% selection of SmolLM2-135M this way holds 10.8 MB of indices instead of
+  1.07 GB, and the wrapper's work per step measured no slower on CPU (median 0.27 s against
+  0.65 s, AdamW's step 0.29 s, on two busy cores). A fully frozen parameter takes this path with
+  an empty index.
 
 Learning-rate schedulers: ``torch.optim.lr_scheduler`` classes check
 ``isinstance(optimizer, torch.optim.Optimizer)`` and :class:`MaskedOptimizer` is a plain wrapper
@@ -42,6 +55,7 @@ The scheduler and the wrapper share the same ``param_groups``, so learning-rate 
 from __future__ import annotations
 
 import difflib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -51,6 +65,84 @@ from torch import nn
 from cpift.errors import MismatchError, ParameterError
 
 __all__ = ["MaskedOptimizer"]
+
+
+def _edit_flat(tensor: torch.Tensor, edit: Callable[[torch.Tensor], Any]) -> None:
+    """Apply the in-place ``edit`` to ``tensor`` seen as a flat vector, whatever its layout."""
+    if tensor.is_contiguous():
+        edit(tensor.view(-1))
+    else:  # rare: no flat view, so edit a flat copy and write it back
+        flat = tensor.contiguous().view(-1)
+        edit(flat)
+        tensor.copy_(flat.view(tensor.shape))
+
+
+class _Entry(ABC):
+    """One parameter with frozen elements; ``index`` holds the flat int64 indices of the frozen
+    elements (:class:`_FrozenIndex`) or of the trainable ones (:class:`_TrainableIndex`),
+    whichever are fewer. The methods are called under ``torch.no_grad()``."""
+
+    def __init__(self, name: str, param: nn.Parameter, index: torch.Tensor) -> None:
+        self.name = name
+        self.param = param
+        self.index = index
+
+    @property
+    @abstractmethod
+    def frozen_count(self) -> int:
+        """How many of the parameter's elements are frozen."""
+
+    @abstractmethod
+    def zero_frozen_grad(self, grad: torch.Tensor) -> None:
+        """Zero the frozen elements of the parameter's (dense) gradient in place."""
+
+    @abstractmethod
+    def save(self) -> torch.Tensor:
+        """What :meth:`restore` needs to put the frozen elements back after the inner step."""
+
+    @abstractmethod
+    def restore(self, saved: torch.Tensor) -> None:
+        """Make the frozen elements what they were at :meth:`save`, keeping the others' new values."""
+
+
+class _FrozenIndex(_Entry):
+    """Most elements train: index the frozen ones, save and restore only their values."""
+
+    @property
+    def frozen_count(self) -> int:
+        return self.index.numel()
+
+    def zero_frozen_grad(self, grad: torch.Tensor) -> None:
+        _edit_flat(grad, lambda flat: flat.index_fill_(0, self.index, 0))
+
+    def save(self) -> torch.Tensor:
+        return self.param.detach().reshape(-1).index_select(0, self.index)
+
+    def restore(self, saved: torch.Tensor) -> None:
+        _edit_flat(self.param.detach(), lambda flat: flat.index_copy_(0, self.index, saved))
+
+
+class _TrainableIndex(_Entry):
+    """Most elements are frozen: index the trainable ones; the frozen values come back from a
+    copy of the whole parameter taken before the step, into which the trainable elements' new
+    values are scattered."""
+
+    @property
+    def frozen_count(self) -> int:
+        return self.param.numel() - self.index.numel()
+
+    def zero_frozen_grad(self, grad: torch.Tensor) -> None:
+        kept = grad.reshape(-1).index_select(0, self.index)
+        grad.zero_()
+        _edit_flat(grad, lambda flat: flat.index_copy_(0, self.index, kept))
+
+    def save(self) -> torch.Tensor:
+        return self.param.detach().clone(memory_format=torch.contiguous_format)
+
+    def restore(self, saved: torch.Tensor) -> None:
+        param = self.param.detach()
+        saved.view(-1).index_copy_(0, self.index, param.reshape(-1).index_select(0, self.index))
+        param.copy_(saved)
 
 
 class MaskedOptimizer:
@@ -92,9 +184,8 @@ class MaskedOptimizer:
             )
         self._optimizer = optimizer
         self._model = model
-        # (name, parameter, flat int64 indices of its frozen elements), only for parameters with
-        # at least one frozen element, in model order.
-        self._entries: list[tuple[str, nn.Parameter, torch.Tensor]] = []
+        # Only parameters with at least one frozen element, in model order.
+        self._entries: list[_Entry] = []
         self._frozen_count = 0
         self.set_frozen(frozen)
 
@@ -116,7 +207,7 @@ class MaskedOptimizer:
             )
         named = dict(self._model.named_parameters())
         in_optimizer = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
-        indices: dict[str, torch.Tensor] = {}
+        entries: dict[str, _Entry] = {}
         for name, mask in frozen.items():
             if not isinstance(name, str):
                 raise ParameterError(
@@ -141,18 +232,23 @@ class MaskedOptimizer:
                     f"frozen mask for parameter '{name}' has shape {tuple(mask.shape)} but the "
                     f"parameter has shape {tuple(param.shape)}"
                 )
-            idx = mask.detach().to(param.device).reshape(-1).nonzero().squeeze(1)
-            if idx.numel() == 0:
+            flat = mask.detach().to(param.device).reshape(-1)
+            count = int(torch.count_nonzero(flat))
+            if count == 0:
                 continue  # nothing frozen: costs nothing, optimizer membership irrelevant
             if id(param) not in in_optimizer:
                 raise MismatchError(
-                    f"frozen mask for parameter '{name}' freezes {idx.numel()} element(s) but "
+                    f"frozen mask for parameter '{name}' freezes {count} element(s) but "
                     "that parameter is not in the optimizer's param groups"
                 )
-            indices[name] = idx
+            # Index whichever side is smaller (ties: the frozen one, the cheaper step).
+            if 2 * count > flat.numel():
+                entries[name] = _TrainableIndex(name, param, (~flat).nonzero().squeeze(1))
+            else:
+                entries[name] = _FrozenIndex(name, param, flat.nonzero().squeeze(1))
         # Commit only after every mask passed validation.
-        self._entries = [(n, p, indices[n]) for n, p in named.items() if n in indices]
-        self._frozen_count = sum(int(idx.numel()) for _, _, idx in self._entries)
+        self._entries = [entries[n] for n in named if n in entries]
+        self._frozen_count = sum(entry.frozen_count for entry in self._entries)
 
     def _unknown_name_message(self, name: str, named: Mapping[str, nn.Parameter]) -> str:
         msg = f"unknown parameter '{name}' in frozen mask"
@@ -182,48 +278,43 @@ class MaskedOptimizer:
     @property
     def frozen_names(self) -> tuple[str, ...]:
         """Names of the parameters with at least one frozen element, in model order."""
-        return tuple(name for name, _, _ in self._entries)
+        return tuple(entry.name for entry in self._entries)
+
+    @property
+    def index_bytes(self) -> int:
+        """Bytes the frozen set is held in: the flat int64 indices of the smaller side (frozen
+        or trainable) of each parameter's mask."""
+        return sum(entry.index.numel() * entry.index.element_size() for entry in self._entries)
 
     # ------------------------------------------------------------------ stepping
 
     def _zero_frozen_grads(self) -> None:
         with torch.no_grad():
-            for name, param, idx in self._entries:
-                grad = param.grad
+            for entry in self._entries:
+                grad = entry.param.grad
                 if grad is None:
                     continue
                 if grad.is_sparse:
                     raise ParameterError(
-                        f"parameter '{name}' has a sparse gradient; MaskedOptimizer supports "
+                        f"parameter '{entry.name}' has a sparse gradient; MaskedOptimizer supports "
                         "dense gradients only"
                     )
-                if grad.is_contiguous():
-                    grad.view(-1).index_fill_(0, idx, 0)
-                else:  # rare: keep the gradient's layout
-                    flat = grad.reshape(-1).index_fill(0, idx, 0)
-                    grad.copy_(flat.view(grad.shape))
+                entry.zero_frozen_grad(grad)
 
     def _sync_devices(self) -> None:
         # The model may have been moved (model.to(device)) after set_frozen.
-        for i, (name, param, idx) in enumerate(self._entries):
-            if idx.device != param.device:
-                self._entries[i] = (name, param, idx.to(param.device))
+        for entry in self._entries:
+            if entry.index.device != entry.param.device:
+                entry.index = entry.index.to(entry.param.device)
 
-    def _gather(self) -> list[torch.Tensor]:
+    def _save(self) -> list[torch.Tensor]:
         with torch.no_grad():
-            return [
-                param.detach().reshape(-1).index_select(0, idx) for _, param, idx in self._entries
-            ]
+            return [entry.save() for entry in self._entries]
 
     def _restore(self, saved: list[torch.Tensor]) -> None:
         with torch.no_grad():
-            for (_, param, idx), values in zip(self._entries, saved):
-                if param.is_contiguous():
-                    param.view(-1).index_copy_(0, idx, values)
-                else:  # rare: a non-contiguous parameter has no flat view
-                    flat = param.detach().reshape(-1).clone()
-                    flat.index_copy_(0, idx, values)
-                    param.copy_(flat.view(param.shape))
+            for entry, values in zip(self._entries, saved):
+                entry.restore(values)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one optimizer step that leaves every frozen element bit-identical.
@@ -233,7 +324,7 @@ class MaskedOptimizer:
         """
         self._sync_devices()
         self._zero_frozen_grads()
-        saved = self._gather()
+        saved = self._save()
         try:
             # ``self._optimizer.step`` is looked up on each call: LR schedulers patch it on the
             # instance to record that a step was taken.

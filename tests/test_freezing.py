@@ -202,17 +202,18 @@ def test_tiny_llama_with_tied_embeddings() -> None:
         masked.set_frozen({"lm_head.weight": emb_mask})
 
 
+class Transposed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4).t())  # shape (4, 3), not contiguous
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w
+
+
 def test_noncontiguous_parameter() -> None:
-    class M(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(3, 4).t())  # shape (4, 3), not contiguous
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x @ self.w
-
     torch.manual_seed(0)
-    model = M()
+    model = Transposed()
     assert not model.w.is_contiguous()
     masked = MaskedOptimizer(
         torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), model
@@ -230,7 +231,107 @@ def test_noncontiguous_parameter() -> None:
     assert (model.w.detach() != before)[~mask].all()
 
 
-# --------------------------------------------------------------------------- mask changes
+@pytest.mark.parametrize("frozen", [2, 10, 12])  # of 12: frozen side indexed, trainable side, fully frozen
+def test_noncontiguous_parameter_and_gradient_either_side(frozen: int) -> None:
+    torch.manual_seed(0)
+    model = Transposed()
+    masked = MaskedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), model)
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.randperm(12, generator=gen).reshape(4, 3) < frozen
+
+    def step() -> None:
+        masked.zero_grad()
+        (model(torch.randn(5, 4, generator=gen)) ** 2).sum().backward()
+        assert not model.w.grad.is_contiguous()  # the gradient takes the parameter's layout
+        masked.step()
+
+    step()
+    masked.set_frozen({"w": mask})
+    assert masked.frozen_count == frozen
+    assert masked.index_bytes == 8 * min(frozen, 12 - frozen)
+    before = model.w.detach().clone()
+    for _ in range(2):
+        step()
+        assert (model.w.grad[mask] == 0).all()
+    assert torch.equal(model.w.detach()[mask], before[mask])
+    assert (model.w.detach() != before)[~mask].all()
+
+
+# --------------------------------------------------------------------------- the smaller side
+
+
+class FullCopyReference:
+    """The obvious exact masking, for comparison: zero the frozen gradients, copy every parameter,
+    step, then take the frozen elements from the copy."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+        self.optimizer, self.model, self.masks = optimizer, model, {}
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def step(self) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                params[name].grad[mask] = 0
+            before = snapshot(self.model)
+            self.optimizer.step()
+            for name, mask in self.masks.items():
+                params[name].copy_(torch.where(mask, before[name], params[name]))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    density=st.one_of(st.floats(0.0, 1.0), st.floats(0.9, 1.0)),  # often mostly frozen
+    opt_name=st.sampled_from(sorted(OPTIMIZERS)),
+    d_hidden=st.integers(1, 6),
+    warmup=st.integers(0, 3),
+)
+def test_property_bit_identical_to_a_full_copy_reference(
+    seed: int, density: float, opt_name: str, d_hidden: int, warmup: int
+) -> None:
+    """Whichever side each mask is indexed by, every element (frozen or not) and the optimizer's
+    state end bit-identical to the obvious full-copy masking, through weight decay and momentum
+    built up before freezing."""
+    model = small_model(seed, d_in=3, d_hidden=d_hidden, d_out=2)
+    twin = copy.deepcopy(model)
+    masked = MaskedOptimizer(OPTIMIZERS[opt_name](model), model)
+    reference = FullCopyReference(OPTIMIZERS[opt_name](twin), twin)
+    gen, twin_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    for _ in range(warmup):
+        linear_step(model, masked, gen)
+        linear_step(twin, reference, twin_gen)
+    masks = random_masks(model, density, torch.Generator().manual_seed(seed + 1))
+    masked.set_frozen(masks)
+    reference.masks = masks
+    for _ in range(3):
+        linear_step(model, masked, gen)
+        linear_step(twin, reference, twin_gen)
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            assert torch.equal(p, q), name
+            for key, value in masked.state[p].items():  # frozen gradients were zeroed alike
+                assert torch.equal(value, reference.optimizer.state[q][key]), (name, key)
+
+
+def test_index_holds_the_smaller_side() -> None:
+    model = small_model(d_in=40, d_hidden=50, d_out=3)
+    mostly_frozen = torch.ones(50, 40, dtype=torch.bool)
+    mostly_frozen.view(-1)[::100] = False  # 20 of 2000 train
+    few_frozen = torch.zeros(3, 50, dtype=torch.bool)
+    few_frozen[0, :5] = True
+    masks = {"0.weight": mostly_frozen, "2.weight": few_frozen, "0.bias": torch.ones(50, dtype=torch.bool)}
+    masked = MaskedOptimizer(OPTIMIZERS["adamw"](model), model, masks)
+    assert masked.frozen_count == 1980 + 5 + 50
+    assert masked.index_bytes == 8 * (20 + 5 + 0)  # the trainable side, the frozen side, nothing
+    assert masked.frozen_names == ("0.weight", "0.bias", "2.weight")
+    gen = torch.Generator().manual_seed(11)
+    before = snapshot(model)
+    for _ in range(3):
+        linear_step(model, masked, gen)
+    assert_frozen_kept(model, before, masks)
+    assert_unfrozen_moved(model, before, masks)
 
 
 def test_mask_change_between_steps() -> None:

@@ -14,10 +14,14 @@
    :class:`~cpift.freezing.MaskedOptimizer` (exact, weight decay included), and a tensor with no
    selected element does not train at all (no gradient, no optimizer state).
 
-Cost: :class:`~cpift.freezing.MaskedOptimizer` keeps an 8-byte index per frozen element and
-gathers and restores them at every step, so freezing the complement of a 1% selection of a
-135M-parameter model holds about 1 GB of indices (estimated from the element count, not measured
-here); tensors without a selected element cost nothing.
+Cost: :class:`~cpift.freezing.MaskedOptimizer` indexes each tensor by its smaller side, here the
+selected elements: for a 1% selection of SmolLM2-135M (134.5M elements, 1.35M selected, by PaFi's
+score) it holds 10.8 MB of indices, where indexing the frozen complement held 1.07 GB (both
+measured). Each step it copies every tensor with a selected element whole before the update and
+puts the frozen elements back from that copy: a transient of about 0.5 GB in float32 (measured
+peak: +0.74 GB for the masked step against +0.23 GB for AdamW's step alone), as large as gathering
+the frozen values was. The boolean masks given to training take a byte per element (135 MB);
+tensors without a selected element cost nothing.
 
 Each density gives one model, labelled ``METHOD@DENSITY`` (``gallop@1``, ``gallop@0.5``, the
 density formatted with ``:g``) and saved under ``methods/<method>/density-<d>/final``, so one run
@@ -114,7 +118,9 @@ def run(ctx: Context, method: str) -> dict[str, torch.nn.Module]:
             for name, param in model.named_parameters():
                 if name in selected and not selected[name].any():
                     param.requires_grad_(False)
-            frozen = {name: ~mask for name, mask in selected.items() if mask.any()}
+            # Negated in place: the selection is not needed again, and a second set of masks would
+            # cost another byte per element of the model while training.
+            frozen = {name: mask.logical_not_() for name, mask in selected.items() if mask.any()}
             examples = ctx.examples(tasks, seed=ctx.config.run.seed)
             return ctx.train_stage(model, examples, f"{method}/{key}", ctx.steps, frozen=frozen)
 

@@ -14,9 +14,9 @@ Layers of protection, outermost first:
    captured output.
 2. **A clean start.** The code is written into a fresh :func:`tempfile.TemporaryDirectory`,
    which is the child's working directory and is always removed afterwards. The interpreter runs
-   with ``-S -s -B -u`` (and ``-P`` where available): no ``site`` (so no site-packages: only the
-   standard library can be imported), no user site, no ``.pyc`` writing, unbuffered output, and
-   the script's directory not on ``sys.path``. ``-I`` is not used because it would also ignore
+   the runner script with ``-S -s -B -u -P``: no ``site`` (so no site-packages: only the standard
+   library can be imported, and not cpift), no user site, no ``.pyc`` writing, unbuffered output,
+   and the runner's directory not on ``sys.path``. ``-I`` is not used because it would also ignore
    ``PYTHONHASHSEED``; the environment is built from scratch instead, so nothing of the caller's
    reaches the child: ``PATH=/usr/bin:/bin``, ``LANG=C.UTF-8``, ``PYTHONHASHSEED=0`` (set iteration
    order is deterministic) and ``HOME``/``TMPDIR`` pointing into the sandbox directory. Standard
@@ -33,10 +33,10 @@ Layers of protection, outermost first:
    as root, ``CLONE_NEWUSER | CLONE_NEWNET``) before ``exec`` and so lives in an empty network
    namespace with only a loopback interface that is down. If that fails it is silently skipped
    and layer 5 alone blocks sockets.
-5. **An audit hook** (:pep:`578`), installed by a small trusted runner *before* the untrusted
-   code is compiled. Audit hooks cannot be removed once added. The hook ends the process at once
-   (``os._exit(3)``, which ``try``/``except`` cannot catch), after writing ``blocked: <event>`` to
-   standard error, on: every ``socket.*`` event (connecting, binding, sending to an address,
+5. **An audit hook** (:pep:`578`), installed by a small trusted runner
+   (:mod:`cpift.sandbox.runner`, started by path) *before* the untrusted code is compiled. Audit
+   hooks cannot be removed once added. The hook ends the process at once (``os._exit(3)``, which
+   ``try``/``except`` cannot catch), after writing ``blocked: <event>`` to standard error, on: every ``socket.*`` event (connecting, binding, sending to an address,
    resolving names, creating any socket but an ``AF_UNIX`` one — which ``socket.socketpair`` and so
    ``asyncio`` need, and which cannot reach anything without ``connect``/``bind``);
    starting programs or processes (``subprocess.Popen``, ``os.system``, ``os.exec*``,
@@ -90,7 +90,6 @@ filter) and run this inside it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import math
 import os
@@ -105,9 +104,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from .errors import CpiftError, ParameterError
+from pydantic import Field, ValidationError
+
+from ..errors import CpiftError, ParameterError
+from ..settings import ConfigError, Float, Section, config_error
+from .runner import FINISHED_MARKER, SOLUTION_FILE
 
 try:  # POSIX only
     import resource
@@ -126,244 +129,14 @@ _MAX_PROCESSES = 256
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWUSER = 0x10000000
 
-_SOLUTION_FILE = "solution.py"
-
-# The trusted runner, executed with ``python -c``. It reads the solution, installs the audit hook,
-# and only then compiles and runs the solution as ``__main__``. Everything the hook uses is bound
-# in its closure before any untrusted code runs, so rebinding ``os.*``, ``builtins.*`` or
-# ``posixpath.*`` later does not change what the hook does.
-_RUNNER = r'''
-import sys
-
-def _cpift_sandbox_install(blocked_exit):
-    import posix
-
-    sys.path[:] = [p for p in sys.path if p not in ("", ".")]
-    nonce = sys.stdin.readline().strip()  # the parent writes it, then closes stdin
-    with open("solution.py", encoding="utf-8") as f:
-        source = f.read()
-    workdir = posix.getcwd()
-
-    write, exit_, readlink, stat, getcwd = posix.write, posix._exit, posix.readlink, posix.stat, posix.getcwd
-    st_mode = type(stat("/")).st_mode.__get__
-    type_, str_, bytes_, int_, repr_ = type, str, bytes, int, repr
-    OSError_, Exception_, ModuleNotFoundError_ = OSError, Exception, ModuleNotFoundError
-    own_pid = str_(posix.getpid())
-    inside_prefix = workdir + "/"
-    af_unix = 1  # AF_UNIX on every POSIX system
-    write_flags = posix.O_WRONLY | posix.O_RDWR | posix.O_APPEND | posix.O_CREAT | posix.O_TRUNC
-
-    always = frozenset((
-        "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
-        "os.forkpty", "pty.spawn", "os.startfile", "webbrowser.open", "os.kill", "os.killpg",
-        "signal.pthread_kill", "os.link", "os.symlink", "resource.setrlimit", "resource.prlimit",
-        "gc.get_objects", "gc.get_referrers", "gc.get_referents", "os.unshare", "os.setns", "sys.remote_exec",
-    ))
-    blocked_prefixes = ("socket.", "ctypes.")
-    blocked_modules = frozenset(("ctypes", "_ctypes", "_xxsubinterpreters", "_xxinterpchannels", "_interpreters",
-                                 "_interpchannels", "_interpqueues", "_xxtestfuzz"))
-    # C modules that create or remove files with no audit event: SQLite (the database, ATTACH, VACUUM INTO),
-    # readline's history files, dbm's C back ends, POSIX shared memory and named semaphores (/dev/shm).
-    # Importing them fails as if they were not installed, so code that can do without them (dbm falls
-    # back to dbm.dumb) still runs.
-    unavailable_modules = frozenset(("_sqlite3", "readline", "_gdbm", "_dbm", "_posixshmem", "_multiprocessing"))
-
-    def block(what, detail=None):
-        message = "blocked: " + what.replace("\n", " ")[:200] + "\n"
-        if detail is not None:
-            message += "sandbox: " + detail + "\n"
-        write(2, message.encode("utf-8", "replace"))
-        exit_(blocked_exit)
-
-    def fd_target(fd):
-        target = readlink("/proc/self/fd/" + str_(fd))
-        return target if target.startswith("/") else None
-
-    def resolve(path, dir_fd=None):
-        """The absolute path with every existing symbolic link followed; None where unknowable."""
-        kind = type_(path)
-        if kind is int_:
-            return fd_target(path)
-        if kind is bytes_:
-            path = path.decode("utf-8", "surrogateescape")
-        elif kind is not str_:
-            return None
-        if not path.startswith("/"):
-            if dir_fd is None or dir_fd == -1 or dir_fd == -100:
-                base = getcwd()
-            else:
-                base = fd_target(dir_fd)
-                if base is None:
-                    return None
-            path = base + "/" + path
-        pending = [part for part in path.split("/") if part and part != "."]
-        pending.reverse()
-        done = []
-        hops = 0
-        while pending:
-            part = pending.pop()
-            if part == "..":
-                if done:
-                    done.pop()
-                continue
-            candidate = "/" + "/".join(done + [part])
-            try:
-                target = readlink(candidate)
-            except OSError_:  # not a link, or does not exist: take the name as it is
-                done.append(part)
-                continue
-            hops += 1
-            if hops > 40:
-                return None
-            if target.startswith("/"):
-                done = []
-            more = [p for p in target.split("/") if p and p != "."]
-            more.reverse()
-            pending.extend(more)
-        return "/" + "/".join(done)
-
-    def inside(resolved):
-        return resolved is not None and resolved.startswith(inside_prefix)
-
-    def check_change(event, path, dir_fd=None):
-        resolved = resolve(path, dir_fd)
-        if not inside(resolved) and resolved != "/dev/null":
-            block(event, "changes outside the sandbox directory: " + repr_(resolved)[:300])
-
-    def check_read(event, path):
-        if type_(path) is int_:
-            return
-        resolved = resolve(path)
-        if resolved is None:
-            block(event, "path that cannot be checked")
-        if resolved.startswith("/proc/"):
-            pid = resolved[6:].split("/", 1)[0]
-            if pid.isdigit() and pid != own_pid:
-                block(event, "another process's /proc entry: " + repr_(resolved)[:300])
-        if resolved == workdir or inside(resolved):
-            return
-        try:
-            mode = st_mode(stat(resolved))
-        except OSError_:
-            return
-        if mode & 0o170000 == 0o040000:
-            block(event, "opening a directory outside the sandbox: " + repr_(resolved)[:300])
-
-    def hook(event, args):
-        try:
-            if event == "open":
-                path, mode, flags = args
-                writing = (type_(flags) is int_ and flags & write_flags) or (
-                    type_(mode) is str_ and ("w" in mode or "a" in mode or "x" in mode or "+" in mode))
-                if writing:
-                    if type_(path) is not int_:
-                        check_change(event, path)
-                else:
-                    check_read(event, path)
-            elif event == "socket.__new__":
-                if args[1] != af_unix:  # socketpair() (asyncio's self-pipe) is harmless; connect/bind are not
-                    block(event, "a socket other than AF_UNIX")
-            elif event in always or event.startswith(blocked_prefixes):
-                block(event)
-            elif event == "import":
-                name = args[0]
-                if type_(name) is str_:
-                    root = name.split(".", 1)[0]
-                    if root in blocked_modules or root.startswith("_test"):
-                        block("import " + name)
-                    if root in unavailable_modules:
-                        why = " in the sandbox (it writes files that cannot be checked)"
-                        raise ModuleNotFoundError_("No module named " + repr_(name) + why, name=name)
-            elif event == "os.remove" or event == "os.rmdir":
-                check_change(event, args[0], args[1])
-            elif event == "os.mkdir":
-                check_change(event, args[0], args[2])
-            elif event == "os.rename":
-                check_change(event, args[0], args[2])
-                check_change(event, args[1], args[3])
-            elif event == "os.truncate":
-                if type_(args[0]) is not int_:  # a descriptor passed the check when it was opened
-                    check_change(event, args[0])
-            elif event == "os.chmod" or event == "os.chown" or event == "os.utime":
-                check_change(event, args[0], args[-1])
-            elif event == "os.setxattr" or event == "os.removexattr":
-                check_change(event, args[0])
-            elif event == "shutil.rmtree":
-                check_change(event, args[0], args[1])
-            elif event == "os.chdir":
-                resolved = resolve(args[0])
-                if resolved != workdir and not inside(resolved):
-                    block(event, "leaving the sandbox directory: " + repr_(resolved)[:300])
-        except ModuleNotFoundError_:  # an unavailable module: the import fails, the code goes on
-            raise
-        except Exception_ as exc:  # a check that fails blocks: fail closed
-            block(event, "the check failed: " + type_(exc).__name__)
-
-    sys.addaudithook(hook)
-
-    # Unaudited ways to start processes, send signals and create files. A FIFO or device node is
-    # refused even inside the directory: a device node there would open a disk for writing.
-    import _posixsubprocess
-    import _signal
-    import os
-
-    def disabled(name):
-        def call(*args, **kwargs):
-            block(name)
-        return call
-
-    _posixsubprocess.fork_exec = disabled("_posixsubprocess.fork_exec")
-    for module in (posix, os):
-        module.mkfifo = disabled("os.mkfifo")
-        module.mknod = disabled("os.mknod")
-    for module in (_signal, sys.modules.get("signal")):
-        if module is not None and hasattr(module, "pidfd_send_signal"):
-            delattr(module, "pidfd_send_signal")
-
-    def finished():
-        """Proof for the parent that the code ran to its end rather than exiting early."""
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception_:
-                pass
-        write(2, ("\ncpift-sandbox-finished " + nonce + "\n").encode())
-
-    return source, finished
+#: The trusted runner (:mod:`cpift.sandbox.runner`), run by path: see its docstring.
+_RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner.py")
 
 
-def _cpift_sandbox_main():
-    source, finished = _cpift_sandbox_install(int(sys.argv[1]))
-    import builtins
-    builtins.exit = builtins.quit = sys.exit  # what site would have added (-S skips it)
-    main = type(sys)("__main__")
-    main.__file__ = "solution.py"
-    sys.modules["__main__"] = main
-    sys.argv[:] = ["solution.py"]
-    try:
-        code = compile(source, "solution.py", "exec", dont_inherit=True)
-        del source
-        exec(code, main.__dict__)
-        finished()
-    except SystemExit:
-        raise
-    except BaseException as exc:
-        import traceback
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename != "solution.py":
-            tb = tb.tb_next
-        traceback.print_exception(type(exc), exc, tb)
-        sys.stderr.flush()
-        sys.exit(1)
-
-
-_cpift_sandbox_main()
-'''
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one sandboxed run may use. Every field must be positive.
+class Limits(Section):
+    """What one sandboxed run may use. Every field must be positive; a bad value raises
+    :class:`~cpift.settings.ConfigError` (a :class:`~cpift.errors.ParameterError`) naming it
+    (``Limits.timeout: must be > 0, got 0``).
 
     Attributes:
         timeout: Wall-clock seconds before the whole process group is killed.
@@ -374,22 +147,19 @@ class Limits:
         max_open_files: File descriptors the child may have open (``RLIMIT_NOFILE``).
     """
 
-    timeout: float = 5.0
-    cpu_seconds: int = 5
-    memory_mb: int = 512
-    max_output_bytes: int = 10_000
-    max_file_bytes: int = 16 * 1024 * 1024
-    max_open_files: int = 64
+    timeout: Float = Field(5.0, gt=0)
+    cpu_seconds: int = Field(5, gt=0)
+    memory_mb: int = Field(512, gt=0)
+    max_output_bytes: int = Field(10_000, gt=0)
+    max_file_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_open_files: int = Field(64, gt=0)
 
-    def __post_init__(self) -> None:
-        timeout = self.timeout
-        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                or not math.isfinite(timeout) or timeout <= 0):
-            raise ParameterError(f"Limits.timeout must be a positive number of seconds, got {timeout!r}")
-        for field in dataclasses.fields(self)[1:]:
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ParameterError(f"Limits.{field.name} must be a positive integer, got {value!r}")
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            error = config_error(exc, Limits)
+            raise ConfigError(f"Limits.{error.key}", error.reason) from None
 
 
 @dataclass(frozen=True)
@@ -418,7 +188,7 @@ class SandboxResult:
     reason: str
 
 
-def run_python(code: str, limits: Limits = Limits()) -> SandboxResult:
+def run_python(code: str, limits: Limits = Limits()) -> SandboxResult:  # noqa: B008 - Limits is frozen
     """Run untrusted Python source in a sandboxed subprocess and report how it ended.
 
     The code runs as ``__main__`` (its ``if __name__ == "__main__":`` block runs) from a file
@@ -443,7 +213,7 @@ def run_python(code: str, limits: Limits = Limits()) -> SandboxResult:
     return _run(code, limits, require_finish=False)
 
 
-def check_solution(code: str, tests: str, limits: Limits = Limits()) -> SandboxResult:
+def check_solution(code: str, tests: str, limits: Limits = Limits()) -> SandboxResult:  # noqa: B008 - Limits is frozen
     """Score a solution: run ``code`` followed by ``tests`` (plain ``assert`` statements).
 
     It passes when every assertion holds and nothing else fails, within ``limits`` — and only if
@@ -472,11 +242,8 @@ def _run(code: str, limits: Limits, *, require_finish: bool) -> SandboxResult:
         raise CpiftError("the sandbox needs a POSIX system (the resource module is missing)")
     with tempfile.TemporaryDirectory(prefix="cpift-sandbox-", ignore_cleanup_errors=True) as tmp:
         workdir = os.path.realpath(tmp)
-        Path(workdir, _SOLUTION_FILE).write_bytes(code.encode("utf-8", "replace"))
-        argv = [sys.executable, "-S", "-s", "-B", "-u"]
-        if sys.version_info >= (3, 11):
-            argv.append("-P")
-        argv += ["-c", _RUNNER, str(BLOCKED_EXIT_CODE)]
+        Path(workdir, SOLUTION_FILE).write_bytes(code.encode("utf-8", "replace"))
+        argv = [sys.executable, "-S", "-s", "-B", "-u", "-P", _RUNNER, str(BLOCKED_EXIT_CODE)]
         env = {
             "PATH": "/usr/bin:/bin",
             "LANG": "C.UTF-8",
@@ -497,9 +264,9 @@ def _execute(argv: list[str], *, cwd: str, env: dict[str, str], limits: Limits, 
     """Run ``argv`` in its own session under ``limits`` (also used by the tests directly).
 
     With a ``nonce``, it is written to the child's standard input (then closed) and the child is
-    expected to end its standard error with the line ``cpift-sandbox-finished <nonce>`` once it
-    has run to its end; that line is taken out of the returned ``stderr``. With ``require_finish``
-    a run without it does not pass.
+    expected to end its standard error with the line ``cpift-sandbox-finished <nonce>``
+    (:data:`~cpift.sandbox.runner.FINISHED_MARKER`) once it has run to its end; that line is
+    taken out of the returned ``stderr``. With ``require_finish`` a run without it does not pass.
     """
     setup = functools.partial(_child_setup, _rlimits(limits), _unshare_function())
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -523,7 +290,7 @@ def _execute(argv: list[str], *, cwd: str, env: dict[str, str], limits: Limits, 
             # the leader (on timeout) and anything it left behind, then reap.
             _kill_group(proc.pid)
             returncode = proc.wait()
-        marker = f"\ncpift-sandbox-finished {nonce}\n".encode() if nonce is not None else None
+        marker = f"\n{FINISHED_MARKER} {nonce}\n".encode() if nonce is not None else None
         finished = marker is not None and _contains(err, marker)
         stdout = _read_capped(out, limits.max_output_bytes)
         stderr = _read_capped(err, limits.max_output_bytes)
