@@ -50,7 +50,7 @@ from .methods.registry import METHODS as _REGISTRY
 from .methods.registry import sections as _method_sections
 from .methods.sequential import VARIANTS as SEQUENTIAL_METHODS
 from .settings import DEVICES, ConfigError, Float, Name, Section, TaskNames, Text, TrainConfig, choice, config_error
-from .settings import describe, names_of, suggest
+from .settings import describe, names_of, suggest, task_names
 from .sources import EMBEDDED_MODEL, is_embedded_name, is_hub_id
 
 __all__ = [
@@ -186,12 +186,22 @@ class ProbeConfig(Section):
 
 class EvalConfig(Section):
     """``[eval]``: scoring the models — new tokens per answer, batch size, whether to measure
-    general-ability retention and on how many prose chunks."""
+    general-ability retention, on how many prose chunks, and on which out-of-distribution tasks
+    (never trained on: e.g. BIG-bench tasks, ``data.n_eval`` items each), as the GaLLoP paper
+    measures forgetting."""
 
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
     retention: bool = True
     n_retention_chunks: int = Field(16, ge=1)
+    retention_tasks: task_names(min_length=0) = ()
+
+    def resolve(self, config: Any) -> EvalConfig:
+        for i, name in enumerate(self.retention_tasks):
+            if name in config.data.tasks:
+                raise ConfigError(f"eval.retention_tasks[{i}]", f"{name!r} is trained on (it is in data.tasks); "
+                                  "a retention task measures what training did not teach")
+        return self
 
 
 class _ConfigBase(BaseModel):

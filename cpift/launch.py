@@ -93,7 +93,7 @@ def start_run(
         CpiftError: ``out_dir`` exists already (without ``resume``), or is not a run (with it).
         RunLockedError: a process is working on the run.
     """
-    from .pipeline import build_tasks, open_run, train_config
+    from .pipeline import build_tasks, open_run, retention_suite, train_config
 
     if resume:
         run = RunDir.open(out_dir)
@@ -103,6 +103,7 @@ def start_run(
         raise ParameterError("start_run needs a config to start a new run")
     config = read_config(config)
     build_tasks(config)
+    retention_suite(config)
     train_config(config)
     launch_device(config)
     run = open_run(out_dir, config, resume=resume)  # a resume refuses a config other than the run's

@@ -33,14 +33,19 @@ from .runs import METHODS as METHODS_DIR
 from .settings import TrainConfig
 
 
+def _task_at(key: str, spec: str | dict[str, Any], **counts: int) -> Task:
+    """The task ``spec`` names (:func:`cpift.data.get_task`), its failure reported against ``key``."""
+    try:
+        return get_task(spec, **counts)
+    except Exception as exc:  # unknown names and unreadable datasets, reported against the key
+        raise ConfigError(f"{key}: {exc}") from exc
+
+
 def build_tasks(config: Config) -> dict[str, Task]:
     """The config's tasks, each checked to exist and to have training and evaluation data."""
     tasks: dict[str, Task] = {}
     for key, spec in config.data.task_specs():
-        try:
-            task = get_task(spec, n_train=config.data.n_train, n_eval=config.data.n_eval, seed=config.data.seed)
-        except Exception as exc:  # unknown names and unreadable datasets, reported against the key
-            raise ConfigError(f"{key}: {exc}") from exc
+        task = _task_at(key, spec, n_train=config.data.n_train, n_eval=config.data.n_eval, seed=config.data.seed)
         if not task.train or not task.eval:
             raise ConfigError(f"{key}: task {task.name!r} has an empty training or evaluation set")
         if task.name in tasks:
@@ -59,12 +64,15 @@ def load_base(config: Config) -> tuple[torch.nn.Module, object]:
 
 def retention_suite(config: Config) -> dict[str, list]:
     """The retention inputs of :func:`~cpift.evaluate.evaluate_model` for ``config``: the held-out
-    prose (``retention_texts``) and the zero-shot questions (``retention_tasks``); both empty when
-    ``eval.retention`` is off."""
+    prose (``retention_texts``), the zero-shot questions and the ``eval.retention_tasks``
+    (``retention_tasks``, ``data.n_eval`` items each); all empty when ``eval.retention`` is off."""
     if not config.eval.retention:
         return {"retention_texts": [], "retention_tasks": []}
+    tasks = [retention_task()]
+    tasks += [_task_at(f"eval.retention_tasks[{i}]", name, n_train=0, n_eval=config.data.n_eval, seed=config.data.seed)
+              for i, name in enumerate(config.eval.retention_tasks)]
     return {"retention_texts": retention_text(n_chunks=config.eval.n_retention_chunks, seed=config.data.seed),
-            "retention_tasks": [retention_task()]}
+            "retention_tasks": tasks}
 
 
 def train_config(config: Config) -> TrainConfig:
@@ -119,6 +127,7 @@ def run_config(
     ``add_methods``: see :func:`open_run`."""
     config = config if isinstance(config, Config) else load_config(config)
     tasks = build_tasks(config)
+    retention = retention_suite(config)
     settings = train_config(config)  # validated, like everything else, before the run exists
     run = open_run(out, config, resume=resume, add_methods=add_methods)
     with run.lock(), run.running():
@@ -127,7 +136,7 @@ def run_config(
         model, tokenizer = load_base(config)
         cache = EvalCache(run.path_for(EVAL_CACHE))
         options = {"max_new_tokens": config.eval.max_new_tokens, "batch_size": config.eval.batch_size,
-                   "cache": cache, "progress": progress, **retention_suite(config)}
+                   "cache": cache, "progress": progress, **retention}
         run.set_stage("eval/base")
         scores = [evaluate_model(model, tokenizer, "base", list(tasks.values()), **options)]
         base_scores = dict(zip(scores[0].task, scores[0].score))

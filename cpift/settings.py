@@ -43,6 +43,7 @@ __all__ = [
     "names_of",
     "numbers",
     "suggest",
+    "task_names",
     "validated",
 ]
 
@@ -237,9 +238,15 @@ Name = Annotated[str, AfterValidator(_not_blank), AfterValidator(_plain)]
 Names = Annotated[tuple[Name, ...], Field(strict=False, min_length=1), AfterValidator(_distinct)]
 """A non-empty list of distinct plain names (a TOML array; kept as a tuple)."""
 
-TaskNames = Annotated[tuple[Annotated[str, AfterValidator(_not_blank), AfterValidator(_task_name)], ...],
-                      Field(strict=False, min_length=1), AfterValidator(_distinct)]
-"""A non-empty list of distinct task names (plain, or ``bigbench:<path>``: :mod:`cpift.names`)."""
+def task_names(min_length: int = 1) -> Any:
+    """A list of at least ``min_length`` distinct task names (plain, or ``bigbench:<path>``:
+    :mod:`cpift.names`)."""
+    return Annotated[tuple[Annotated[str, AfterValidator(_not_blank), AfterValidator(_task_name)], ...],
+                     Field(strict=False, min_length=min_length), AfterValidator(_distinct)]
+
+
+TaskNames = task_names()
+"""A non-empty list of distinct task names."""
 
 
 def choice(source: tuple[str, ...] | Callable[[], Iterable[str]]) -> AfterValidator:

@@ -116,3 +116,21 @@ def test_the_real_benchmark() -> None:
     assert len(bigbench.task_paths()) == 1041
     task = get_task("bigbench:logical_deduction/three_objects", n_train=20, n_eval=200)
     assert len(task.eval) == 200 and all(len(e.options) == 3 for e in task.eval)
+
+
+def test_bigbench_tasks_train_and_serve_as_retention_tasks_in_a_run(cached: Path, tmp_path: Path) -> None:
+    from cpift.config import ConfigError, load_config
+    from cpift.pipeline import run_config
+
+    root = Path(__file__).resolve().parents[1]
+    overrides = ['data.tasks=["math", "bigbench:logical_deduction/three_objects"]', 'run.methods=["multitask"]',
+                 'sequential.second="bigbench:logical_deduction/three_objects"',
+                 'eval.retention_tasks=["bigbench:arithmetic/2_digit_multiplication"]', "train.steps=2",
+                 "data.n_eval=4"]
+    with pytest.raises(ConfigError, match=r"eval\.retention_tasks\[0\].*is trained on"):
+        load_config(root / "configs/tiny.toml", [*overrides[:3], 'eval.retention_tasks=["math"]'])
+    run = run_config(load_config(root / "configs/tiny.toml", overrides), tmp_path / "run", progress=False)
+    scores = run.path / "metrics.csv"
+    text = scores.read_text()
+    assert "bigbench:logical_deduction/three_objects" in text and "bigbench:arithmetic/2_digit_multiplication" in text
+    assert (run.path / "methods" / "multitask" / "final").is_dir()
