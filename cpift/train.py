@@ -166,12 +166,12 @@ def _stream_indices(lengths: tuple[int, ...], seed: int, batch_size: int, first:
     return out
 
 
-def _micro_batches(data: Sequence[Mapping[str, list[int]]], pad_id: int, config: TrainConfig, step: int,
-                   world: int, rank: int) -> list[dict[str, torch.Tensor]]:
+def _micro_batches(data: Sequence[Mapping[str, list[int]]], lengths: tuple[int, ...], pad_id: int,
+                   config: TrainConfig, step: int, world: int, rank: int) -> list[dict[str, torch.Tensor]]:
     """The collated micro-batches process ``rank`` of ``world`` trains on at optimizer step ``step``
-    (0-based): its slices of the seeded stream, a pure function of (seed, step)."""
+    (0-based): its slices of the seeded stream, a pure function of (seed, step). ``lengths`` are
+    the examples' token counts (computed once per call of :func:`train`)."""
     batches = []
-    lengths = tuple(len(example["input_ids"]) for example in data)
     for micro in range(config.grad_accum):
         first = ((step * config.grad_accum + micro) * world + rank) * config.batch_size
         indices = _stream_indices(lengths, config.seed, config.batch_size, first, config.batch_size)
@@ -461,11 +461,12 @@ def train(
     last_checkpoint = resume_from
     bar = tqdm(total=config.steps, initial=step, desc=stage, unit="step",
                disable=(not main) or (None if progress is None else not progress))
+    lengths = tuple(len(example["input_ids"]) for example in data)
     try:
         model.train()
         while step < config.steps:
             # forward and backward
-            batches = _micro_batches(data, pad_id, config, step, world, rank)
+            batches = _micro_batches(data, lengths, pad_id, config, step, world, rank)
             loss, tokens = _forward_backward(accelerator, model, head, batches)
             tokens_run += tokens
             if not math.isfinite(loss):
