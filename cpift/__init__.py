@@ -30,7 +30,8 @@ _EXPORTS = {
     "selection": ("top_k",),
     "sparse": ("ImportanceTracker", "SCORES", "sparse_mask", "sparse_scores"),
     "train": ("estimate_gradients",),
-    "evaluate": ("COLLAPSE_THRESHOLD", "forgetting"),
+    "scores": ("COLLAPSE_THRESHOLD", "forgetting", "compare", "paired_comparisons", "summarize"),
+    "stats": ("paired_difference", "proportion_ci", "score_interval"),
     "models": ("EMBEDDED_MODEL", "load_model", "save_model", "tiny_llama"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -2,7 +2,7 @@
 
 :func:`export_report` writes a single HTML file that works offline: plotly.js is inlined once in
 the page head and every figure is a ``<div>`` drawn by it (no ``<script src=…>``, no CDN). It
-holds, across the runs, the methods × tasks table (:func:`cpift.pipeline.compare`) and the
+holds, across the runs, the methods × tasks table (:func:`cpift.scores.compare`) and the
 comparison figures (:func:`comparison_figures`), then per run its status, its config (TOML), the
 sequential study, the training loss, and the exploration figures at the run's own p and τ
 (:func:`run_figures`). Every figure comes from the same builders in :mod:`cpift.plots` that the
@@ -34,7 +34,6 @@ from .errors import CpiftError, ParameterError
 from .explore import run_fusion_report, run_progress, run_regions, run_similarity
 from .grouping import dendrogram_data, groupings_by_tau
 from .overlap import layer_of
-from .pipeline import compare
 from .plots import (
     angle_distribution_figure,
     core_sizes_figure,
@@ -54,6 +53,7 @@ from .plots import (
 )
 from .plots.compare import merge_metrics, sequential_table
 from .runs import GROUPS, METRICS_JSON, REGIONS, RunDir
+from .scores import compare, formatted
 
 __all__ = ["chromium_path", "comparison_figures", "export_report", "figure_file", "layer_shares", "load_metrics",
            "run_figures", "run_names", "sequential_view"]
@@ -63,7 +63,7 @@ Figures = dict[str, go.Figure | str]
 
 
 def run_names(run_dirs: Sequence[str | os.PathLike[str]]) -> list[str]:
-    """The runs' labels: their directory names, as :func:`cpift.pipeline.compare` prefixes rows.
+    """The runs' labels: their directory names, as :func:`cpift.scores.compare` prefixes rows.
 
     Raises:
         ParameterError: two runs have the same directory name (their models would be confused).
@@ -239,7 +239,7 @@ def export_report(run_dirs: Sequence[str | os.PathLike[str]], out_path: str | os
              f"<p>Generated {_dt.datetime.now().isoformat(timespec='seconds')} by cpift {__version__}.</p>",
              "<h2>Methods × tasks</h2>"]
     if scored:
-        parts.append(_table_html(compare(scored)))
+        parts.append(_table_html(formatted(compare(scored))))
         parts.append(_figures_html(comparison_figures(merge_metrics(metrics))))
     else:
         parts.append('<p class="note">No run has metrics yet.</p>')

@@ -20,7 +20,7 @@ from streamlit.testing.v1 import AppTest
 from cpift.config import read_config
 from cpift.estimate import estimate_cpu_seconds
 from cpift.explore import run_progress
-from cpift.pipeline import compare
+from cpift.scores import compare, formatted, wide
 from cpift.runs import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +69,13 @@ def test_runs_page_status_metrics_and_a_preset_to_start_from(tiny_run):
     at = open_page("runs", tiny_run.path)
     assert "Status: **done**" in texts(at.success)
     table = at.dataframe[0].value
-    expected = compare([tiny_run.path])
+    expected = formatted(compare([tiny_run.path]))
     assert list(table.index) == list(expected.index)
-    assert table["normalised_average"].tolist() == pytest.approx(expected["normalised_average"].tolist())
+    assert table.to_dict() == expected.to_dict()
+    average = next(c for c in table.columns if c.startswith("normalised_average"))
+    means = wide(compare([tiny_run.path]))["normalised_average"]
+    assert [float(cell.split()[0]) for cell in table[average]] == pytest.approx(means.tolist(), abs=1e-3)
+    assert all("[" in cell for cell in table[average])  # every score with its interval
 
     at.selectbox(key="runs_form_preset").set_value("tiny").run()
     assert at.text_area(key="runs_form_text").value == (ROOT / "configs" / "tiny.toml").read_text()
@@ -109,13 +113,13 @@ def test_training_page_offers_resume_for_a_stopped_run(tiny_run, tmp_path):
 def test_compare_page_across_runs_and_the_report(tiny_run, copy_run):
     at = open_page("compare", tiny_run.path)
     one = at.dataframe[0].value
-    assert list(one.index) == list(compare([tiny_run.path]).index)
+    assert list(one.index) == list(wide(compare([tiny_run.path])).index)
     charts = len(at.get("plotly_chart"))
     assert charts >= 4 and len(at.get("download_button")) == charts
 
     at.text_input(key="w_compare_more").input(str(copy_run)).run()
     both = at.dataframe[0].value
-    assert list(both.index) == list(compare([tiny_run.path, copy_run]).index)
+    assert list(both.index) == list(wide(compare([tiny_run.path, copy_run])).index)
     assert "tiny-copy/cpift" in both.index and "run/cpift" in both.index
     assert {t.name for t in chart(at, 0).data} == set(both.index)
 

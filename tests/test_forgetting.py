@@ -13,9 +13,9 @@ from cpift.cli import main
 from cpift.config import load_config
 from cpift.data import RETENTION_TASK, get_task, retention_task
 from cpift.errors import ParameterError
-from cpift.evaluate import COLLAPSE_THRESHOLD, evaluate_model, forgetting, summarize
+from cpift.evaluate import evaluate_model
 from cpift.models import tiny_llama, tiny_tokenizer
-from cpift.pipeline import compare, write_metrics
+from cpift.scores import COLLAPSE_THRESHOLD, compare, forgetting, summarize, wide, write_metrics
 from cpift.runs import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def test_no_retention_scores_means_no_forgetting_view() -> None:
 def test_zero_shot_questions_are_a_retention_row() -> None:
     task = get_task("math", n_train=2, n_eval=2, seed=0)
     scores = evaluate_model(tiny_llama(0), tiny_tokenizer(), "base", [task], retention_texts=["Some prose text."],
-                            retention_tasks=[retention_task()], max_new_tokens=2)
+                            retention_tasks=[retention_task()], max_new_tokens=2).scores
     rows = {(t, m): n for t, m, n in zip(scores.task, scores.metric, scores.n)}
     assert set(rows) == {("math", task.metric), ("retention", RETENTION_TASK),
                          ("retention", "next_token_accuracy"), ("retention", "perplexity")}
@@ -95,7 +95,7 @@ def test_compare_shows_forgetting_columns(tmp_path: Path, capsys) -> None:
     config = load_config(ROOT / "configs" / "tiny.toml")
     run = RunDir.create(tmp_path / "run", config.to_dict())
     write_metrics(run, _scores())
-    table = compare([run.path])
+    table = wide(compare([run.path]))
     for model, (_, mean, collapse) in EXPECTED.items():
         assert table.loc[model, "mean_forget_ratio"] == pytest.approx(mean)
         assert table.loc[model, "collapse_rate"] == pytest.approx(collapse)

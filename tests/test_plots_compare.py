@@ -10,7 +10,7 @@ from cpift.errors import FormatError, ParameterError
 from cpift.plots import loss_figure, pareto_figure, retention_figure, scores_figure, seesaw_figure, sequential_figure
 from cpift.plots.compare import merge_metrics, pareto_table, scores_table, sequential_table
 
-# A run's metrics.json as cpift.evaluate.summarize writes it, with methods no list in the app names.
+# A run's metrics.json as cpift.scores.summarize writes it, with methods no list in the app names.
 SCORES = {
     "base": {"math": 0.2, "code": 0.4},
     "gallop": {"math": 0.6, "code": 0.3},

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from common import errors_shown, list_runs, pick_run, resolve_path
 
-from cpift.pipeline import compare
+from cpift.scores import compare, formatted
 from cpift.plots.compare import merge_metrics
 from cpift.report import chromium_path, comparison_figures, export_report, figure_file, load_metrics, sequential_view
 from cpift.runs import RunDir
@@ -61,7 +61,7 @@ def show(paths: list[Path]) -> None:
     if not scored:
         return
     st.markdown("#### Methods × tasks")
-    st.dataframe(compare(scored).style.format("{:.3f}", na_rep="—"), key="compare_table")
+    st.dataframe(formatted(compare(scored)), key="compare_table")
     for i, (title, fig) in enumerate(comparison_figures(merge_metrics(metrics)).items()):
         chart(fig, title, f"cmp{i}")
     for run in runs:

@@ -8,7 +8,7 @@ from launcher import TRAINING_PAGE, new_run_form
 
 from cpift.config import parse_config
 from cpift.explore import run_progress
-from cpift.pipeline import compare
+from cpift.scores import compare, formatted
 from cpift.runs import METRICS_CSV
 
 st.title("Runs")
@@ -41,10 +41,11 @@ def show_run(run) -> None:
                    + (f" of {progress.steps_planned}" if progress.steps_planned else ""))
     st.markdown("#### Headline metrics")
     if run.exists(METRICS_CSV):
-        table = compare([run.path])
-        st.caption("Scores in [0, 1] per task; normalised average on 0–10; retention next-token accuracy; "
-                   "forgetting against the base (mean forget ratio, collapse rate).")
-        st.dataframe(table.style.format("{:.3f}", na_rep="—"), key="metrics")
+        table = formatted(compare([run.path]))
+        st.caption("Scores in [0, 1] per task as mean [95 % interval] (n = items per seed; ! = too few items "
+                   "to rank: an interval wider than ±10 points); normalised average on 0–10; retention next-token "
+                   "accuracy; forgetting against the base (mean forget ratio, collapse rate).")
+        st.dataframe(table, key="metrics")
     else:
         st.info("No metrics yet: the run has not finished its first method.")
     with st.expander("Config", expanded=False):

@@ -1,6 +1,6 @@
 """Figures comparing methods: per-task scores, the seesaw, retention, forgetting, the A→B study.
 
-Every builder takes a run's ``metrics.json`` (:func:`cpift.evaluate.summarize`: ``scores``,
+Every builder takes a run's ``metrics.json`` (:func:`cpift.scores.summarize`: ``scores``,
 ``normalised_average``, ``seesaw``, ``retention`` and, when present, ``forgetting``), or several
 runs merged by :func:`merge_metrics` (models then read ``run/model``). The models drawn are
 whatever the metrics hold — every method a run trained, in the run's order — never a fixed list.
@@ -24,20 +24,15 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ..errors import FormatError, ParameterError
-from ..evaluate import RETENTION_LOSSES
+from ..scores import AFTER_A, RETENTION_LOSSES, SEQUENTIAL_PREFIX
 from .style import colors
-
-#: Labels of the sequential study's models (:mod:`cpift.methods.sequential`): the model after
-#: task A, and ``SEQUENTIAL_PREFIX + variant`` after B.
-SEQUENTIAL_PREFIX = "seq:"
-AFTER_A = "seq:after_A"
 
 BASE = "base"
 
 
 def merge_metrics(runs: Mapping[str, Mapping]) -> dict:
     """Several runs' metrics as one: with more than one run, every model becomes ``run/model``
-    (as :func:`cpift.pipeline.compare` names its rows) and the seesaw stays against each run's own
+    (as :func:`cpift.scores.compare` names its rows) and the seesaw stays against each run's own
     base. One run's metrics come back unchanged.
 
     Raises:
