@@ -38,14 +38,22 @@ def _print_table(frame) -> None:
         print(frame.to_string())
 
 
+def _print_comparison(run_dirs: list) -> None:
+    from .scores import compare, formatted
+
+    _print_table(formatted(compare(run_dirs)))
+    print("mean [95 % interval]; n = items per seed; ! = an interval wider than ±10 points: too few items to rank")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .pipeline import compare, run_config
+    from .pipeline import run_config
 
-    run = run_config(load_config(args.config, args.set), args.out, resume=args.resume or args.add_methods,
-                     add_methods=args.add_methods)
+    seeds = [f"run.seeds=[{args.seeds}]", f"run.seed={args.seeds.split(',')[0]}"] if args.seeds else []
+    run = run_config(load_config(args.config, [*args.set, *seeds]), args.out,
+                     resume=args.resume or args.add_methods, add_methods=args.add_methods)
     print(f"run finished: {run.path}")
-    _print_table(compare([run.path]))
+    _print_comparison([run.path])
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
@@ -102,11 +110,11 @@ def cmd_fuse(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .pipeline import compare, run_config
+    from .pipeline import run_config
 
     config = load_config(args.config, [*args.set, f'run.methods=["{args.method}"]'])
     run = run_config(config, args.out, resume=args.resume)
-    _print_table(compare([run.path]))
+    _print_comparison([run.path])
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -114,6 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate_model
     from .models import load_weights
     from .pipeline import build_tasks, load_base, retention_suite
+    from .scores import score_intervals
 
     config = load_config(args.config, args.set)
     tasks = build_tasks(config)
@@ -122,15 +131,31 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.model:
         load_weights(model, args.model)
         label = Path(args.model).name
-    scores = evaluate_model(model, tokenizer, label, list(tasks.values()), **retention_suite(config),
-                            max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
-    _print_table(scores)
+    evaluation = evaluate_model(model, tokenizer, label, list(tasks.values()), **retention_suite(config),
+                                max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size)
+    _print_table(score_intervals(evaluation))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .pipeline import compare
+    import pandas as pd
 
-    _print_table(compare(args.runs))
+    from .runs import RunDir
+    from .scores import compare, paired_comparisons, read_items
+
+    table = compare(args.runs)
+    if args.vs:
+        table = pd.concat([paired_comparisons(read_items(RunDir.open(run)), args.vs).assign(
+            run=Path(run).name) for run in args.runs], ignore_index=True)
+    if args.format == "json":
+        print(table.to_json(orient="records", indent=1))
+    elif args.format == "csv":
+        print(table.to_csv(index=False), end="")
+    elif args.vs:
+        _print_table(table.assign(flag=table.excludes_zero.map({True: "*", False: ""})).drop(columns="excludes_zero"))
+        print(f"difference = model − {args.vs} (normalised average on 0–10), 95 % paired interval; "
+              "* = the interval excludes 0")
+    else:
+        _print_comparison(args.runs)
 
 
 def cmd_pack(args: argparse.Namespace) -> None:
@@ -194,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("run", cmd_run, "run every method of a config into a run directory")
     config_args(sub)
     sub.add_argument("--out", required=True, help="run directory")
+    sub.add_argument("--seeds", metavar="S,S,...", help="run every method once per seed, e.g. --seeds 0,1,2 "
+                     "(the config's run.seeds)")
     sub.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint "
                      "(with the config it was created with)")
     sub.add_argument("--add-methods", action="store_true", help="resume a run with a config whose run.methods "
@@ -241,9 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(sub)
     sub.add_argument("--model", help="saved weights (directory or .safetensors); default: the config's base")
 
-    sub = command("compare", cmd_compare, "methods × tasks table of one or more run directories, with "
-                  "retention and forgetting (mean forget ratio, collapse rate)")
+    sub = command("compare", cmd_compare, "methods × tasks table of one or more run directories, every "
+                  "score with its 95 % interval, with retention and forgetting (mean forget ratio, collapse rate)")
     sub.add_argument("runs", nargs="+")
+    sub.add_argument("--vs", metavar="METHOD", help="each model's paired difference to METHOD's model (e.g. "
+                     "multitask, base) per task and on the normalised average: interval and p-value")
+    sub.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                     help="json or csv: the numbers, one record per row, for other tools")
 
     sub = command("pack", cmd_pack, "copy a run directory without model weights and training checkpoints "
                   "(to share it, or ship it in sample_runs/)")

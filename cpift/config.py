@@ -49,7 +49,8 @@ from .data.spec import DatasetSpecs, find_local, looked_for
 from .methods.registry import METHODS as _REGISTRY
 from .methods.registry import sections as _method_sections
 from .methods.sequential import VARIANTS as SEQUENTIAL_METHODS
-from .settings import DEVICES, ConfigError, Float, Name, Section, TaskNames, Text, TrainConfig, choice, config_error
+from .settings import DEVICES, ConfigError, Float, Name, Section, Seed, Seeds, TaskNames, Text, TrainConfig
+from .settings import OPTIMIZERS, choice, config_error
 from .settings import describe, names_of, suggest, task_names
 from .sources import EMBEDDED_MODEL, is_embedded_name, is_hub_id
 
@@ -91,15 +92,36 @@ def _device(device: str) -> str:
 
 
 class RunConfig(Section):
-    """``[run]``: what to run — the run's name, the global seed, the methods (any registered
+    """``[run]``: what to run — the run's name, the seed or seeds, the methods (any registered
     method; default all), the device (choose a GPU with CUDA_VISIBLE_DEVICES), and the CPU threads
-    torch uses (default: :func:`cpu_threads`)."""
+    torch uses (default: :func:`cpu_threads`).
+
+    ``seeds = [0, 1, 2]`` runs every method once per seed in one run directory (the seed drives
+    the data order, the probes, the random stage orders and the LoRA init; the evaluation items
+    and the base model are shared); its first seed is the primary one, whose artifacts the pages
+    show, and ``seed`` is then that first seed. Without ``seeds``, the run has the one ``seed``.
+    """
 
     name: Name
-    seed: int = Field(0, ge=0, lt=2**32)
+    seed: Seed = 0
+    seeds: Seeds | None = None
     methods: names_of(lambda: tuple(_REGISTRY)) = METHODS
     device: Annotated[str, AfterValidator(_device)] = "auto"
     threads: int | None = Field(None, ge=1)  # CPU threads for torch; default: cores not busy (see cpu_threads)
+
+    @model_validator(mode="after")
+    def _primary_seed(self) -> RunConfig:
+        if self.seeds is not None and self.seed != self.seeds[0]:
+            if "seed" in self.model_fields_set:
+                raise ValueError(f"seed is the first of seeds when seeds is given: seed = {self.seed}, "
+                                 f"seeds = {list(self.seeds)}")
+            object.__setattr__(self, "seed", self.seeds[0])  # frozen; derived here, once
+        return self
+
+    @property
+    def all_seeds(self) -> tuple[int, ...]:
+        """The run's seeds in order, the primary first: ``seeds``, else ``(seed,)``."""
+        return self.seeds if self.seeds is not None else (self.seed,)
 
 
 def cpu_threads(threads: int | None = None) -> int:
@@ -154,7 +176,7 @@ class DataConfig(Section):
     tasks: TaskNames
     n_train: int = Field(64, ge=1)
     n_eval: int = Field(32, ge=1)
-    seed: int = Field(0, ge=0, lt=2**32)
+    seed: Seed = 0
     max_length: int = Field(256, ge=1)
     datasets: DatasetSpecs = ()
 
@@ -174,11 +196,19 @@ class DataConfig(Section):
 
 
 class ProbeConfig(Section):
-    """``[probe]``: the short per-task fine-tunes that find the core regions (learning rate
-    default ``train.lr``)."""
+    """``[probe]``: the per-task fine-tunes that find the core regions — their length, learning
+    rate (default ``train.lr``) and optimizer (AdamW, or plain SGD, whose |Δθ| is a sum of
+    gradients rather than AdamW's sign-like steps); ``repeats``: probes per task, the first making
+    its core, every further one (another data order) kept to measure how reproducible the core is
+    (test–retest Jaccard, :func:`cpift.probes.reliability`); ``snapshot_every``: keep the top-p set
+    every that many steps to measure how far the core still moves (:func:`cpift.probes.stability`;
+    0: not measured)."""
 
     steps: int = Field(10, ge=1)
     lr: Float | None = Field(None, gt=0)
+    optimizer: Annotated[str, choice(OPTIMIZERS)] = "adamw"
+    repeats: int = Field(1, ge=1)
+    snapshot_every: int = Field(0, ge=0)
 
     def resolve(self, config: Any) -> ProbeConfig:
         return self if self.lr is not None else self.model_copy(update={"lr": config.train.lr})
@@ -232,6 +262,12 @@ class _ConfigBase(BaseModel):
             resolved[name] = getattr(view, name).resolve(view)
             view = self.model_construct(**resolved)
         return view
+
+    def for_seed(self, seed: int) -> Any:
+        """This config as the methods of one of its seeds run it: ``run.seed`` and the training
+        loop's seed set to ``seed`` (everything else, the evaluation items included, unchanged)."""
+        return self.model_copy(update={"run": self.run.model_copy(update={"seed": seed}),
+                                       "train": self.train.model_copy(update={"seed": seed})})
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The configuration as plain dicts and lists (JSON- and TOML-ready); ``None`` values

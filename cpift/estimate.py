@@ -17,13 +17,15 @@ __all__ = ["CpuEstimate", "estimate_cpu_seconds", "planned_work"]
 
 
 def planned_work(config: Config) -> tuple[dict[str, int], dict[str, int]]:
-    """Optimizer steps and scored models per method of ``config``, from each method's declared
-    :class:`~cpift.methods.registry.Plan`, and the base model (under ``"base"``: 0 steps, scored once)."""
+    """Optimizer steps and scored models per method of ``config`` (all its seeds together), from
+    each method's declared :class:`~cpift.methods.registry.Plan`, and the base model (under
+    ``"base"``: 0 steps, scored once)."""
     from .methods import METHODS
 
+    seeds = len(config.run.all_seeds)
     plans = {method: METHODS[method].plan(config) for method in config.run.methods}
-    return ({"base": 0, **{m: p.steps for m, p in plans.items()}},
-            {"base": 1, **{m: p.models for m, p in plans.items()}})
+    return ({"base": 0, **{m: p.steps * seeds for m, p in plans.items()}},
+            {"base": 1, **{m: p.models * seeds for m, p in plans.items()}})
 
 
 @dataclass(frozen=True)

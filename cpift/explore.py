@@ -144,8 +144,9 @@ class Progress:
     locked), ``"running"`` (a process holds the lock), ``"died"`` (the manifest says running but
     no process works on it: it can be resumed). ``losses`` has one row per optimizer step (the
     latest attempt of each ``stage``/``step`` after a resume) with columns ``time``, ``stage``,
-    ``step``, ``steps``, ``loss``, ``lr``, ``tokens_per_s``, ``eta_s`` and ``n`` (steps done in
-    the whole run up to that row). ``eta_s`` is the current stage's remaining time as the trainer
+    ``step``, ``steps``, ``loss``, ``lr``, ``tokens_per_s``, ``eta_s``, ``seed`` and ``n`` (steps
+    done in the whole run up to that row). ``seeds`` are the run's, ``seed`` the one training now
+    (or last). ``methods_done`` lists a method once it finished for the first seed. ``eta_s`` is the current stage's remaining time as the trainer
     reported it; ``run_eta_s`` the remaining optimizer steps of the whole run
     (:func:`~cpift.estimate.planned_work`) at the median measured time per step (training only;
     scoring comes on top).
@@ -160,6 +161,8 @@ class Progress:
     updated: str | None
     methods: tuple[str, ...]
     methods_done: tuple[str, ...]
+    seeds: tuple[int, ...]
+    seed: int | None
     training_stage: str | None
     step: int | None
     steps: int | None
@@ -188,7 +191,7 @@ class Progress:
 LOG_TAIL_LINES = 40
 """Lines of ``logs/launch.log`` in :attr:`Progress.log_tail`."""
 
-_LOSS_COLUMNS = ("time", "stage", "step", "steps", "loss", "lr", "tokens_per_s", "eta_s")
+_LOSS_COLUMNS = ("time", "seed", "stage", "step", "steps", "loss", "lr", "tokens_per_s", "eta_s")
 
 
 def run_progress(run_dir: str | os.PathLike[str]) -> Progress:
@@ -213,7 +216,7 @@ def run_progress(run_dir: str | os.PathLike[str]) -> Progress:
 
     steps = [e for e in run.events("step") if {"stage", "step"} <= e.keys()]
     losses = pd.DataFrame([{k: e.get(k) for k in _LOSS_COLUMNS} for e in steps], columns=list(_LOSS_COLUMNS))
-    losses = losses.drop_duplicates(["stage", "step"], keep="last").reset_index(drop=True)
+    losses = losses.drop_duplicates(["seed", "stage", "step"], keep="last").reset_index(drop=True)
     losses["n"] = range(1, len(losses) + 1)
     last = steps[-1] if steps else {}
 
@@ -232,7 +235,9 @@ def run_progress(run_dir: str | os.PathLike[str]) -> Progress:
     return Progress(
         path=run.path, status=status, pid=pid, stage=manifest.get("stage"), error=manifest.get("error"),
         created=manifest.get("created"), updated=manifest.get("updated"), methods=methods,
-        methods_done=tuple(e.get("method") for e in run.events("method_done")),
+        methods_done=tuple(dict.fromkeys(e.get("method") for e in run.events("method_done"))),
+        seeds=tuple(config.get("run", {}).get("seeds") or (config.get("run", {}).get("seed", 0),)),
+        seed=last.get("seed", manifest.get("seed")),
         training_stage=last.get("stage"), step=last.get("step"), steps=last.get("steps"), loss=last.get("loss"),
         tokens_per_s=last.get("tokens_per_s"), eta_s=last.get("eta_s") if status == "running" else None,
         steps_done=len(losses), steps_planned=planned, run_eta_s=run_eta, losses=losses,
@@ -244,7 +249,8 @@ def _seconds_per_step(losses: pd.DataFrame) -> float | None:
     """The median time between consecutive steps of the same stage (evaluation gaps excluded)."""
     if len(losses) < 2:
         return None
-    gaps = losses["time"].diff()[losses["stage"].eq(losses["stage"].shift())]
+    job = losses[["seed", "stage"]].fillna(-1)  # runs before seeds logged none
+    gaps = losses["time"].diff()[(job == job.shift()).all(axis=1)]
     gaps = gaps[gaps > 0]
     return float(gaps.median()) if len(gaps) else None
 

@@ -2,9 +2,10 @@
 
 ``run_config`` validates everything that can be checked before training (the config's keys and
 ranges, task names, non-empty datasets, the model), then, holding the run directory's lock:
-scores the base model, runs each method (:data:`cpift.methods.METHODS`), scores its models, and
-writes ``metrics.json`` (the summary views) and ``metrics.csv`` (the tidy table) after every
-method, so a stopped run keeps what it finished. ``resume=True`` continues a stopped run: finished
+scores the base model, runs each method (:data:`cpift.methods.METHODS`) once per seed
+(``run.seeds``), scores its models item by item, and writes ``items.parquet``, ``metrics.csv`` and
+``metrics.json`` (:func:`cpift.scores.write_metrics`) after every method, so a stopped run keeps
+what it finished. ``resume=True`` continues a stopped run: finished
 artifacts are reused and an interrupted training stage continues from its last checkpoint.
 """
 
@@ -22,13 +23,14 @@ import torch
 from .config import Config, ConfigError, config_changes, cpu_threads, load_config
 from .data import get_task, retention_task, retention_text
 from .data.tasks import Task
-from .evaluate import EvalCache, evaluate_model, summarize
+from .evaluate import EvalCache, evaluate_model
 from .methods import METHODS, Context
 from .atomic import atomic_dir
 from .models import WEIGHTS_FILE, load_model, tiny_llama, tiny_tokenizer
 from .errors import CpiftError
 from .regions import CoreRegions
-from .runs import CHECKPOINTS, EVAL_CACHE, LOCK, METRICS_CSV, METRICS_JSON, REGIONS, RunDir, RunLockedError
+from .runs import CHECKPOINTS, EVAL_CACHE, LOCK, REGIONS, SEEDS, RunDir, RunLockedError
+from .scores import write_metrics
 from .runs import METHODS as METHODS_DIR
 from .settings import TrainConfig
 
@@ -128,7 +130,6 @@ def run_config(
     config = config if isinstance(config, Config) else load_config(config)
     tasks = build_tasks(config)
     retention = retention_suite(config)
-    settings = train_config(config)  # validated, like everything else, before the run exists
     run = open_run(out, config, resume=resume, add_methods=add_methods)
     with run.lock(), run.running():
         torch.set_num_threads(threads := cpu_threads(config.run.threads))
@@ -137,23 +138,26 @@ def run_config(
         cache = EvalCache(run.path_for(EVAL_CACHE))
         options = {"max_new_tokens": config.eval.max_new_tokens, "batch_size": config.eval.batch_size,
                    "cache": cache, "progress": progress, **retention}
+        primary = config.run.seed
+        sequential = (config.sequential.first, config.sequential.second) if "sequential" in config.run.methods else None
         run.set_stage("eval/base")
-        scores = [evaluate_model(model, tokenizer, "base", list(tasks.values()), **options)]
-        base_scores = dict(zip(scores[0].task, scores[0].score))
-        ctx = Context(config, run, tasks, model, tokenizer, settings, base_scores, resume, progress)
-        for method in config.run.methods:
-            for label, trained in METHODS[method].run(ctx).items():
-                run.set_stage(f"eval/{label}")
-                scores.append(evaluate_model(trained, tokenizer, label, list(tasks.values()), **options))
-            write_metrics(run, pd.concat(scores, ignore_index=True))
-            run.log_event(event="method_done", method=method)
+        evaluations = [evaluate_model(model, tokenizer, "base", list(tasks.values()), seed=primary, **options)]
+        base = evaluations[0].scores
+        base_scores = dict(zip(base.task, base.score))
+        for seed in config.run.all_seeds:
+            seed_run = run.for_seed(seed, primary=seed == primary)
+            seed_config = config.for_seed(seed)
+            ctx = Context(seed_config, seed_run, tasks, model, tokenizer, train_config(seed_config), base_scores,
+                          resume, progress)
+            for method in config.run.methods:
+                for label, trained in METHODS[method].run(ctx).items():
+                    seed_run.set_stage(f"eval/{label}")
+                    evaluations.append(evaluate_model(trained, tokenizer, label, list(tasks.values()), seed=seed,
+                                                      **options))
+                write_metrics(run, pd.concat([e.scores for e in evaluations], ignore_index=True),
+                              pd.concat([e.items for e in evaluations], ignore_index=True), sequential)
+                seed_run.log_event(event="method_done", method=method)
     return run
-
-
-def write_metrics(run: RunDir, scores: pd.DataFrame) -> None:
-    """Write ``metrics.csv`` (tidy scores) and ``metrics.json`` (the summary views)."""
-    run.write_json(METRICS_JSON, summarize(scores))
-    run.write_text(METRICS_CSV, scores.to_csv(index=False))
 
 
 def pack_run(source: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -172,9 +176,11 @@ def pack_run(source: str | os.PathLike[str], out: str | os.PathLike[str], *, ove
         raise RunLockedError(run.path, run.locked_by())
 
     def kept(path: Path) -> bool:
-        relative = path.relative_to(run.path)
-        return not (path.name.startswith(".") or path.name in (WEIGHTS_FILE, LOCK) or relative.parts[0] in
-                    (CHECKPOINTS, REGIONS) or (relative.parts[0] == METHODS_DIR and path.name.startswith("masks")))
+        parts = path.relative_to(run.path).parts
+        if parts[0] == SEEDS:  # a further seed's artifacts, laid out as the top level's
+            parts = parts[2:]
+        return not parts or not (path.name.startswith(".") or path.name in (WEIGHTS_FILE, LOCK) or parts[0] in
+                                 (CHECKPOINTS, REGIONS) or (parts[0] == METHODS_DIR and path.name.startswith("masks")))
 
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         for dirpath, dirnames, filenames in os.walk(run.path):
@@ -185,29 +191,10 @@ def pack_run(source: str | os.PathLike[str], out: str | os.PathLike[str], *, ove
                     target = tmp / here.relative_to(run.path) / name
                     target.parent.mkdir(parents=True, exist_ok=True)  # only directories that keep a file
                     shutil.copy2(here / name, target)
-        if (run.path / REGIONS / "manifest.json").is_file():
-            regions = CoreRegions.load(run.path / REGIONS)
-            keep = min(regions.max_p, regions.p) if regions.max_p else False
-            regions.save(tmp / REGIONS, magnitudes=keep, compress=True, overwrite=True)
+        for root in [run.path, *sorted((run.path / SEEDS).glob("seed-*"))]:
+            if (root / REGIONS / "manifest.json").is_file():
+                regions = CoreRegions.load(root / REGIONS)
+                keep = min(regions.max_p, regions.p) if regions.max_p else False
+                regions.save(tmp / root.relative_to(run.path) / REGIONS, magnitudes=keep, compress=True,
+                             overwrite=True)
     return Path(out)
-
-
-def compare(run_dirs: list[str | Path]) -> pd.DataFrame:
-    """Models × tasks scores of one or more runs (rows ``run/model``), plus the normalised average,
-    the retention next-token accuracy and the forgetting metrics (mean forget ratio, collapse rate)."""
-    frames = []
-    for path in run_dirs:
-        run = RunDir.open(path)
-        scores = pd.read_csv(run.path / METRICS_CSV)
-        table = scores[scores.task != "retention"].pivot_table(index="model", columns="task", values="score",
-                                                               sort=False)
-        summary = summarize(scores)
-        table["normalised_average"] = pd.Series(summary["normalised_average"])
-        retention = scores[(scores.task == "retention") & (scores.metric == "next_token_accuracy")]
-        table["retention_acc"] = retention.set_index("model")["score"]
-        forgetting = summary.get("forgetting", {})
-        for column in ("mean_forget_ratio", "collapse_rate"):
-            table[column] = pd.Series({model: values[column] for model, values in forgetting.items()}, dtype=float)
-        table.index = [f"{Path(path).name}/{m}" if len(run_dirs) > 1 else m for m in table.index]
-        frames.append(table)
-    return pd.concat(frames)

@@ -10,8 +10,9 @@ Layout (paths relative to the run directory; the constant or function of this mo
 each in brackets — writers and readers alike use them, nothing else spells a path)::
 
     manifest.json              [MANIFEST]      format "cpift.run", version, cpift version, created /
-                                               updated times, status, current stage, error, config,
-                                               config_changes (methods added on a resume)
+                                               updated times, status, current stage (and its seed),
+                                               error, config, config_changes (methods added on a
+                                               resume)
     run.lock                   [LOCK]          flock-ed by the process working on the run; its PID
     events.jsonl               [EVENTS]        one JSON object per line, each with "time" (Unix
                                                seconds) and by convention "event" naming its kind
@@ -21,7 +22,13 @@ each in brackets — writers and readers alike use them, nothing else spells a p
     eval_cache.json            [EVAL_CACHE]    scores by model fingerprint: nothing is scored twice
     probes/<task>/             [probe_dir]     the probe fine-tune of one task (a model dir; a
                                                BIG-bench task spelled by cpift.names.path_part)
+    probes/<task>@<r>/         [probe_dir]     its r-th probe (r ≥ 2, probe.repeats): another data order
     regions/                   [REGIONS]       the saved CoreRegions (cpift.regions format, compact)
+    regions_retest/<r>/        [retest_regions_dir] the cores of every task's r-th probe (masks only)
+    reliability.json           [RELIABILITY]   each task's test–retest Jaccard beside chance
+                                               (cpift.probes.reliability, as records)
+    stability.json             [STABILITY]     per task, the Jaccard of the core at each snapshot
+                                               step with the final core (cpift.probes.stability)
     similarity.json            [SIMILARITY]    task × task Jaccard of the cores
     groups.json                [GROUPS]        the τ grouping, the stage order, every grouping by τ
     fusion/                    [FUSION]        the fused model (a model dir)
@@ -34,11 +41,26 @@ each in brackets — writers and readers alike use them, nothing else spells a p
         epi/masks/step-<n>.npz [epi_mask]      EPI: each refreshed protected set (bit-packed), and
         epi/drift.json         [EPI_DRIFT]     the Jaccard between consecutive ones
     sequential/<model>/        [sequential_dir] the A → B study: after_A, then each variant
+    seeds/seed-<s>/            [seed_dir]      a further seed's artifacts (run.seeds), laid out as
+                                               the top level is: probes, regions, …, methods,
+                                               sequential, checkpoints. The primary (first) seed's
+                                               are the top level's; see RunDir.for_seed
     checkpoints/<job>/step-<n>/ [checkpoint_dir] resumable training state of one training job
                                                (a probe, a method or one stage of it; the job is
                                                the stage name with / as _, see checkpoint_root)
-    metrics.json               [METRICS_JSON]  every score of the run, machine-readable
-    metrics.csv                [METRICS_CSV]   the same as a flat table
+    items.parquet              [ITEMS]         every scored item: the ground truth the metrics are
+                                               computed from (columns: ITEM_COLUMNS, below)
+    metrics.json               [METRICS_JSON]  the summary views with intervals (cpift.scores.summarize)
+    metrics.csv                [METRICS_CSV]   one row per (model, seed, task, metric) score
+
+``items.parquet`` has one row per (model, seed, task, metric, item): ``model`` (the label a
+method gave it, ``base`` for the untrained model), ``seed`` (the run seed that trained it; the
+base model's is the primary seed), ``task`` (a task name, or ``retention`` for the retention
+suite with ``metric`` naming the retention task), ``metric``, ``item`` (the item's index in the
+task's evaluation set: the same item for every model and seed), ``score`` in [0, 1],
+``weight`` (1, or for a retention prose chunk its number of scored tokens), and ``prediction``
+(the chosen option or the completion; empty for prose). Parquet keeps the types (int64 seed and
+item, float64 score and weight).
 
 Method and task names used in paths must be plain names (:mod:`cpift.names`), so that no name can
 escape the run directory.
@@ -88,6 +110,8 @@ __all__ = [
     "FORMAT_VERSION",
     "FUSION",
     "FUSION_REPORT",
+    "ITEMS",
+    "ITEM_COLUMNS",
     "GROUPS",
     "LAUNCH_CONFIG",
     "LAUNCH_LOG",
@@ -100,8 +124,12 @@ __all__ = [
     "METRICS_JSON",
     "PROBES",
     "REGIONS",
+    "RELIABILITY",
+    "RETEST_REGIONS",
+    "SEEDS",
     "SEQUENTIAL",
     "SIMILARITY",
+    "STABILITY",
     "STATUSES",
     "RunDir",
     "RunExistsError",
@@ -113,6 +141,8 @@ __all__ = [
     "method_file",
     "method_final_dir",
     "probe_dir",
+    "retest_regions_dir",
+    "seed_dir",
     "sequential_dir",
 ]
 
@@ -130,12 +160,18 @@ EVAL_CACHE = "eval_cache.json"
 PROBES = "probes"
 REGIONS = "regions"
 SIMILARITY = "similarity.json"
+RETEST_REGIONS = "regions_retest"
+RELIABILITY = "reliability.json"
+STABILITY = "stability.json"
 GROUPS = "groups.json"
 FUSION = "fusion"
 FUSION_REPORT = "fusion_report.csv"
 METHODS = "methods"
 SEQUENTIAL = "sequential"
 CHECKPOINTS = "checkpoints"
+SEEDS = "seeds"
+ITEMS = "items.parquet"
+ITEM_COLUMNS = ("model", "seed", "task", "metric", "item", "score", "weight", "prediction")
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
 
@@ -185,9 +221,19 @@ def _check_creatable(path: Path) -> None:
 # -- parameterised paths -----------------------------------------------------------------------
 
 
-def probe_dir(task: str) -> str:
-    """``probes/<task>``: the probe fine-tune of one task."""
-    return f"{PROBES}/{path_part(check_task_name(task))}"
+def probe_dir(task: str, repeat: int = 1) -> str:
+    """``probes/<task>``: the probe fine-tune of one task; ``probes/<task>@<repeat>`` its
+    ``repeat``-th probe (2, 3, …: another data order, for the test–retest reliability)."""
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ParameterError(f"a probe's repeat is a positive integer; got {repeat!r}")
+    return f"{PROBES}/{path_part(check_task_name(task))}" + (f"@{repeat}" if repeat > 1 else "")
+
+
+def retest_regions_dir(repeat: int) -> str:
+    """``regions_retest/<repeat>``: the cores of every task's ``repeat``-th probe."""
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 2:
+        raise ParameterError(f"a retest is the probe repeat 2, 3, …; got {repeat!r}")
+    return f"{RETEST_REGIONS}/{repeat}"
 
 
 def method_dir(method: str) -> str:
@@ -216,6 +262,13 @@ def epi_mask(step: int) -> str:
 def sequential_dir(model: str) -> str:
     """``sequential/<model>``: a model of the A → B study (``after_A`` or a variant's name)."""
     return f"{SEQUENTIAL}/{check_name(model, 'model')}"
+
+
+def seed_dir(seed: int) -> str:
+    """``seeds/seed-<seed>``: the artifacts of a further seed of the run (see :meth:`RunDir.for_seed`)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ParameterError(f"a seed is a non-negative integer; got {seed!r}")
+    return f"{SEEDS}/seed-{seed}"
 
 
 def checkpoint_root(stage: str) -> str:
@@ -269,8 +322,20 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).expanduser().absolute()
+        self.seed: int | None = None
+        self.artifacts = self.path  # where relative artifact paths resolve (see for_seed)
         self._lock_fd: int | None = None
         self._lock_depth = 0
+
+    def for_seed(self, seed: int, *, primary: bool) -> RunDir:
+        """The run as the methods of one seed see it: artifact paths (:meth:`path_for`,
+        :meth:`exists`, :meth:`write_json`, …) resolve under :func:`seed_dir` — or at the top level
+        for the ``primary`` seed — and every event it logs carries ``seed``. The manifest, the
+        lock, the events and :attr:`path` stay the run's."""
+        view = RunDir(self.path)
+        view.seed = seed
+        view.artifacts = self.path if primary else self.path / seed_dir(seed)
+        return view
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -407,8 +472,8 @@ class RunDir:
 
     def set_stage(self, stage: str | None) -> None:
         """Record the stage the run is in (``"probe"``, ``"regions"``, ``"fusion"``, …) without
-        changing its status."""
-        self._update_manifest({"stage": stage})
+        changing its status; a seed's view (:meth:`for_seed`) records its ``seed`` beside it."""
+        self._update_manifest({"stage": stage, **({"seed": self.seed} if self.seed is not None else {})})
 
     @contextlib.contextmanager
     def running(self) -> Iterator[RunDir]:
@@ -544,7 +609,7 @@ class RunDir:
         Returns:
             The event as written.
         """
-        record = {"time": round(time.time(), 3), **fields}
+        record = {"time": round(time.time(), 3), **({"seed": self.seed} if self.seed is not None else {}), **fields}
         line = (json.dumps(record, default=_json_default, ensure_ascii=False) + "\n").encode("utf-8")
         fd = os.open(self.path / EVENTS, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -595,7 +660,7 @@ class RunDir:
         rel = Path(relpath)
         if rel.is_absolute() or not rel.parts or ".." in rel.parts or str(rel) in ("", "."):
             raise ParameterError(f"{os.fspath(relpath)!r} is not a path inside the run directory")
-        return self.path / rel
+        return self.artifacts / rel
 
     def path_for(self, relpath: str | os.PathLike[str]) -> Path:
         """The absolute path of ``relpath`` inside the run, its parent directories created."""

@@ -116,7 +116,7 @@ _MESSAGES: dict[str, Callable[[dict[str, Any]], str]] = {
     "bool_type": lambda e: f"expected true or false, got {describe(e['input'])}",
     "string_type": lambda e: f"expected a string, got {describe(e['input'])}",
     "string_too_short": lambda e: "must not be empty",
-    "tuple_type": lambda e: f"expected a list of strings, got {describe(e['input'])}",
+    "tuple_type": lambda e: f"expected a list, got {describe(e['input'])}",
     "list_type": lambda e: f"expected a list, got {describe(e['input'])}",
     "too_short": lambda e: "must not be empty",
     "model_type": lambda e: f"expected a table, got {describe(e['input'])}",
@@ -238,6 +238,15 @@ Name = Annotated[str, AfterValidator(_not_blank), AfterValidator(_plain)]
 Names = Annotated[tuple[Name, ...], Field(strict=False, min_length=1), AfterValidator(_distinct)]
 """A non-empty list of distinct plain names (a TOML array; kept as a tuple)."""
 
+OPTIMIZERS = ("adamw", "sgd")
+"""The training loop's optimizers: AdamW (fused where the device has it), or plain SGD."""
+
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+"""A random seed (an unsigned 32-bit integer, as numpy accepts)."""
+
+Seeds = Annotated[tuple[Seed, ...], Field(strict=False, min_length=1), AfterValidator(_distinct)]
+"""A non-empty list of distinct seeds."""
+
 def task_names(min_length: int = 1) -> Any:
     """A list of at least ``min_length`` distinct task names (plain, or ``bigbench:<path>``:
     :mod:`cpift.names`)."""
@@ -329,11 +338,12 @@ class TrainConfig(Section):
     steps: int = Field(30, ge=1)
     checkpoint_every: int = Field(10, ge=0)  # 0: only at the end
     max_grad_norm: Float = Field(1.0, ge=0)  # 0: no clipping
+    optimizer: Annotated[str, choice(OPTIMIZERS)] = "adamw"  # "sgd": plain SGD (no momentum), e.g. for probes
     # Stage checkpoints are deleted once the method's final model is saved (a 135M model's
     # checkpoint with AdamW state is 1.6 GB); true keeps them, e.g. to inspect stages.
     keep_checkpoints: bool = False
     max_length: int = Field(256, ge=2, exclude=True)
-    seed: int = Field(0, ge=0, lt=2**32, exclude=True)
+    seed: Seed = Field(0, exclude=True)
     device: Annotated[str, choice(DEVICES)] = Field("auto", exclude=True)
 
     FROM_ELSEWHERE: ClassVar[Mapping[str, str]] = {"max_length": "data.max_length", "seed": "run.seed",

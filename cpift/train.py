@@ -23,8 +23,10 @@ divided by their number (the LM head runs at those tokens only), so every answer
 micro-batches (with several processes each normalises by its own count, and gradients are
 averaged). The ``loss`` reported per step is that token-weighted mean.
 
-Optimizer. AdamW from torch (betas 0.9/0.999; the fused kernel on CPU and CUDA); weight decay on matrices only — 1-D parameters
-(norm weights, biases) are not decayed, as in nanoGPT and the Hugging Face Trainer. It is always
+Optimizer. AdamW from torch (betas 0.9/0.999; the fused kernel on CPU and CUDA), or plain SGD
+(``optimizer = "sgd"``, e.g. for probes whose update should be a sum of gradients); weight decay
+on matrices only — 1-D parameters (norm weights, biases) are not decayed, as in nanoGPT and the
+Hugging Face Trainer. It is always
 wrapped in :class:`~cpift.freezing.MaskedOptimizer` (with no masks the wrapper does nothing), so
 frozen elements stay bit-identical through the AdamW update *and* its weight decay. Gradient
 clipping uses the norm of the full gradient, frozen elements included: the mask multiplies the
@@ -211,7 +213,7 @@ def _forward_backward(accelerator: Any, model: torch.nn.Module, head: torch.nn.M
 
 # Fields that change the training trajectory: a checkpoint resumes only under the same values.
 _TRAJECTORY_FIELDS = ("lr", "weight_decay", "warmup_steps", "steps", "batch_size", "grad_accum",
-                      "max_length", "max_grad_norm", "seed")
+                      "max_length", "max_grad_norm", "seed", "optimizer")
 
 
 def resolve_device(device: str) -> str:
@@ -328,9 +330,13 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [g for g in groups if g["params"]]
 
 
-def _adamw(groups: list[dict[str, Any]], lr: float, device: torch.device) -> torch.optim.AdamW:
-    """torch's AdamW, fused into one kernel where the device has it (CPU and CUDA: several times
-    faster than the per-tensor loop, same update); the default implementation elsewhere."""
+def _optimizer(name: str, groups: list[dict[str, Any]], lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """``"adamw"``: torch's AdamW, fused into one kernel where the device has it (CPU and CUDA:
+    several times faster than the per-tensor loop, same update), the default implementation
+    elsewhere. ``"sgd"``: plain SGD (no momentum; weight decay as the groups say), whose update is
+    the gradient itself rather than Adam's sign-like step."""
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr)
     if device.type in ("cpu", "cuda"):
         with contextlib.suppress(RuntimeError, ValueError):
             return torch.optim.AdamW(groups, lr=lr, fused=True)
@@ -430,7 +436,7 @@ def train(
         return {n: m for n, m in (masks or {}).items() if n not in known or n in trainable}
 
     head = raw_model.get_output_embeddings()
-    optimizer = _adamw(_param_groups(raw_model, config.weight_decay), config.lr, accelerator.device)
+    optimizer = _optimizer(config.optimizer, _param_groups(raw_model, config.weight_decay), config.lr, accelerator.device)
     masked = MaskedOptimizer(optimizer, raw_model, trainable_only(frozen))
     scheduler = get_cosine_schedule_with_warmup(masked.optimizer, config.warmup_steps, config.steps)
     register_state(accelerator, optimizer, scheduler, hook)

@@ -18,9 +18,10 @@ from cpift.cli import main
 from cpift.config import ConfigError, load_config
 from cpift.errors import CpiftError
 from cpift.models import WEIGHTS_FILE, load_weights, tiny_llama
-from cpift.pipeline import compare, run_config
+from cpift.pipeline import run_config
 from cpift.regions import CoreRegions
 from cpift.runs import RunDir
+from cpift.scores import compare, wide
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.toml"
@@ -103,7 +104,7 @@ def test_frozen_cores_of_earlier_stages_are_bit_identical(tiny_run: RunDir) -> N
 
 
 def test_compare_prints_methods_by_tasks(tiny_run: RunDir, capsys) -> None:
-    table = compare([tiny_run.path])
+    table = wide(compare([tiny_run.path]))
     assert {"cpift", "multitask", "multistage"} <= set(table.index)
     assert {"math", "code", "normalised_average"} <= set(table.columns)
     assert main(["compare", str(tiny_run.path)]) == 0

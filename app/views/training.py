@@ -36,7 +36,8 @@ def show_progress(path: str) -> None:
         st.rerun()  # the process ended: redraw the page once, which stops the polling
     cols = st.columns(5)
     cols[0].metric("Status", progress.status)
-    cols[1].metric("Stage", progress.training_stage or progress.stage or "—")
+    stage = progress.training_stage or progress.stage or "—"
+    cols[1].metric("Stage", f"{stage} · seed {progress.seed}" if len(progress.seeds) > 1 else stage)
     cols[2].metric("Step", f"{progress.step} / {progress.steps}" if progress.step else "—")
     cols[3].metric("Stage ETA", _duration(progress.eta_s))
     cols[4].metric("Tokens/s", f"{progress.tokens_per_s:,.0f}" if progress.tokens_per_s else "—")

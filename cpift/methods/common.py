@@ -77,10 +77,13 @@ class Context:
         frozen: Mapping[str, torch.Tensor] | None = None,
         lr: float | None = None,
         hook: TrainHook | None = None,
+        optimizer: str | None = None,
     ) -> torch.nn.Module:
-        """Train ``model`` in place for ``steps`` optimizer steps; events and checkpoints go to the run."""
-        settings = self.train_config.model_copy(update={"steps": steps, **({"lr": lr} if lr else {})})
-        checkpoint_dir = self.run.path / checkpoint_root(stage)
+        """Train ``model`` in place for ``steps`` optimizer steps (``lr`` and ``optimizer``: other
+        than the run's); events and checkpoints go to the run."""
+        overrides = {"lr": lr, "optimizer": optimizer}
+        settings = self.train_config.model_copy(update={"steps": steps, **{k: v for k, v in overrides.items() if v}})
+        checkpoint_dir = self.run.path_for(checkpoint_root(stage))
         self._stage_checkpoints.append(checkpoint_dir)
         self.run.set_stage(stage)
         train(model, self.tokenizer, examples, settings, frozen=frozen, stage=stage, checkpoint_dir=checkpoint_dir,
@@ -90,7 +93,7 @@ class Context:
 
     def cached_model(self, relpath: str, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         """The model saved at ``relpath`` if a finished earlier run left it, else ``build()`` saved there."""
-        directory = self.run.path / relpath
+        directory = self.run.path_for(relpath)
         if (directory / WEIGHTS_FILE).is_file():
             return load_weights(self.fresh_base(), directory)
         model = build()

@@ -1,8 +1,11 @@
 """CPI-FT, the paper's four stages, keeping every intermediate artifact in the run directory.
 
-1. Probe: fine-tune the base briefly on each task alone (``probes/<task>/``).
-2. Core regions at p (``regions/``, compact: masks and the top-p |Δ| deflated), their Jaccard similarity (``similarity.json``), groups at τ
-   and the stage order (``groups.json``, with every grouping by τ).
+1. Probe: fine-tune the base briefly on each task alone (``probes/<task>/``); optionally measure
+   how far its core still moves (``stability.json``) and probe again with other data orders to
+   measure how reproducible the core is (``reliability.json``; :mod:`cpift.probes`).
+2. Core regions at p of the first probes (``regions/``, compact: masks and the top-p |Δ|
+   deflated), their Jaccard similarity (``similarity.json``), groups at τ and the stage order
+   (``groups.json``, with every grouping by τ).
 3. Fusion: core transplant + SLERP (``fusion/`` weights, ``fusion/report.csv``). Its base is the
    pretrained model (``fusion_base = "pretrained"``, the default) or the probe of the task that
    trains last (``"last_stage"``): the paper's "model of the last fine-tuning stage" reads both ways.
@@ -25,7 +28,9 @@ from ..fusion import FOLDS, OVERLAP_RULES, fuse
 from ..grouping import STAGE_ORDERS, group_tasks, groupings_by_tau, stage_order
 from ..masks import unpack_all
 from ..regions import CoreRegions, core_regions
-from ..runs import FUSION, FUSION_REPORT, GROUPS, REGIONS, SIMILARITY, method_final_dir, probe_dir
+from ..probes import CoreSnapshots, reliability
+from ..runs import FUSION, FUSION_REPORT, GROUPS, REGIONS, RELIABILITY, SIMILARITY, STABILITY, method_final_dir
+from ..runs import probe_dir, retest_regions_dir
 from ..settings import ConfigError, Float, Section, choice
 from .common import Context, split_evenly
 from .registry import Method, Plan, register
@@ -65,22 +70,55 @@ class CpiftSettings(Section):
         return self
 
 
-def probes(ctx: Context) -> dict[str, torch.nn.Module]:
-    """One probe fine-tune per task from the base (``probe.steps`` steps each)."""
+def _probe_seed(run_seed: int, repeat: int) -> int:
+    """The data-order seed of a task's ``repeat``-th probe: the run's seed for the first, one
+    derived from (run seed, repeat) for every further one."""
+    return run_seed if repeat == 1 else int(np.random.SeedSequence([run_seed, repeat]).generate_state(1)[0])
+
+
+def probe(ctx: Context, task: str, repeat: int = 1) -> torch.nn.Module:
+    """The ``repeat``-th probe fine-tune of ``task`` from the base (``probe.steps`` steps of
+    ``probe.optimizer``), saved in ``probes/``. The first probe's core stability is measured with
+    ``probe.snapshot_every`` and saved in ``stability.json``."""
     settings = ctx.config.probe
-    return {
-        task: ctx.cached_model(
-            probe_dir(task),
-            lambda task=task: ctx.train_stage(ctx.fresh_base(), ctx.examples([task], seed=ctx.config.run.seed),
-                                              f"probe/{task}", settings.steps, lr=settings.lr),
-        )
-        for task in ctx.tasks
-    }
+
+    def build() -> torch.nn.Module:
+        model = ctx.fresh_base()
+        snapshots = (CoreSnapshots(ctx.base_model, model, ctx.config.cpift.p, settings.snapshot_every, settings.steps)
+                     if settings.snapshot_every and repeat == 1 else None)
+        stage = f"probe/{task}" if repeat == 1 else f"probe-repeat{repeat}/{task}"
+        ctx.train_stage(model, ctx.examples([task], seed=_probe_seed(ctx.config.run.seed, repeat)), stage,
+                        settings.steps, lr=settings.lr, optimizer=settings.optimizer, hook=snapshots)
+        if snapshots is not None:
+            curves = ctx.run.read_json(STABILITY, default={})
+            ctx.run.write_json(STABILITY, {**curves, task: snapshots.curve().to_dict(orient="list")})
+        return model
+
+    return ctx.cached_model(probe_dir(task, repeat), build)
+
+
+def probes(ctx: Context) -> dict[str, torch.nn.Module]:
+    """One probe per task (:func:`probe`); with ``probe.repeats`` > 1, every task is probed again
+    with other data orders, the cores of those retests saved in ``regions_retest/<r>/`` (masks only;
+    the retest models are not kept in memory) and the test–retest Jaccards in ``reliability.json``."""
+    tuned = {task: probe(ctx, task) for task in ctx.tasks}
+    regions = regions_of(ctx, tuned)
+    retests = []
+    for repeat in range(2, ctx.config.probe.repeats + 1):
+        path = ctx.run.path_for(retest_regions_dir(repeat))
+        if not (path / "manifest.json").is_file():
+            retest = core_regions(ctx.base_model, {task: probe(ctx, task, repeat) for task in ctx.tasks},
+                                  p=ctx.config.cpift.p, keep_magnitudes=False, progress=ctx.progress)
+            retest.save(path, compress=True)
+        retests.append(CoreRegions.load(path))
+    if retests:
+        ctx.run.write_json(RELIABILITY, reliability(regions, retests).to_dict(orient="records"))
+    return tuned
 
 
 def regions_of(ctx: Context, tuned: dict[str, torch.nn.Module]) -> CoreRegions:
     """The probes' core regions at p, saved once under ``regions/``."""
-    path = ctx.run.path / REGIONS
+    path = ctx.run.path_for(REGIONS)
     if (path / "manifest.json").is_file():
         return CoreRegions.load(path)
     regions = core_regions(ctx.base_model, tuned, p=ctx.config.cpift.p, progress=ctx.progress)
@@ -101,7 +139,7 @@ def run(ctx: Context) -> dict[str, torch.nn.Module]:
     """Probe, regions, groups, fusion and staged consolidation; returns the probes and the final model."""
     settings = ctx.config.cpift
     tuned = probes(ctx)
-    regions = regions_of(ctx, tuned)
+    regions = regions_of(ctx, tuned)  # saved by probes(): loaded here
     similarity = regions.jaccard()
     groups = group_tasks(similarity, settings.tau)
     stages = stage_order(groups, settings.order, similarity, seed=ctx.config.run.seed)
@@ -138,4 +176,4 @@ def run(ctx: Context) -> dict[str, torch.nn.Module]:
 register(Method(
     "cpift", run, "probes per task → core regions at p → Jaccard groups at τ → fusion → consolidation over the "
     "groups with earlier cores frozen", "cpift", CpiftSettings,
-    plan=lambda c: Plan(len(c.data.tasks) * c.probe.steps + c.train.steps, len(c.data.tasks) + 1)))
+    plan=lambda c: Plan(len(c.data.tasks) * c.probe.steps * c.probe.repeats + c.train.steps, len(c.data.tasks) + 1)))

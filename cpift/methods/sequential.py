@@ -8,7 +8,7 @@ same step budget:
 - ``cpift``: B alone with A's core region (the top p% of the A model's update) frozen exactly.
 
 ΔA (score on A after B minus after A) measures forgetting, ΔB (after B minus the base) learning;
-:func:`cpift.evaluate.summarize` reports them from the scores of the models returned here.
+:func:`cpift.scores.summarize` reports them from the scores of the models returned here.
 """
 
 from __future__ import annotations

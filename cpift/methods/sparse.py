@@ -77,11 +77,11 @@ def selections(ctx: Context, method: str) -> tuple[Layout, dict[str, np.ndarray]
     When they are computed, those of every other sparse method of the run are computed with them,
     from the same gradient estimate.
     """
-    path = ctx.run.path / _masks_relpath(method)
+    path = ctx.run.path_for(_masks_relpath(method))
     if not path.is_file():
         settings = ctx.config.sparse
         others = [m for m in ctx.config.run.methods if m in SCORE_METHODS and m != method]
-        todo = [m for m in (method, *others) if not (ctx.run.path / _masks_relpath(m)).is_file()]
+        todo = [m for m in (method, *others) if not ctx.run.exists(_masks_relpath(m))]
         model = ctx.fresh_base()
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         grads, n = None, 0

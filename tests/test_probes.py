@@ -1,0 +1,54 @@
+"""Probe reliability (repeated probes) and core stability (snapshots) in a tiny run, and the
+chance level they are read against."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cpift.config import load_config
+from cpift.masks import from_positions
+from cpift.overlap import expected_jaccard
+from cpift.pipeline import run_config
+from cpift.probes import mask_jaccard, stability
+from cpift.runs import RELIABILITY, STABILITY, probe_dir, retest_regions_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_expected_jaccard_matches_simulation() -> None:
+    rng = np.random.default_rng(0)
+    d, k_a, k_b = 300, 40, 25
+    draws = []
+    for _ in range(20000):
+        a, b = rng.choice(d, k_a, replace=False), rng.choice(d, k_b, replace=False)
+        shared = len(np.intersect1d(a, b))
+        draws.append(shared / (k_a + k_b - shared))
+    assert expected_jaccard(k_a, k_b, d) == pytest.approx(np.mean(draws), abs=4 * np.std(draws) / np.sqrt(20000))
+    assert expected_jaccard(1_350_000, 1_350_000, 135_000_000) == pytest.approx(1 / 199, rel=1e-3)
+    assert expected_jaccard(0, 0, 10) == 0.0 and expected_jaccard(10, 10, 10) == pytest.approx(1.0)
+
+
+def test_stability_curve_ends_at_one() -> None:
+    snaps = {2: from_positions(np.array([0, 1, 2]), 1), 4: from_positions(np.array([1, 2, 3]), 1)}
+    curve = stability(snaps)
+    assert curve.step.tolist() == [2, 4] and curve.jaccard_to_final.tolist() == [0.5, 1.0]
+    assert mask_jaccard(snaps[2], snaps[2]) == 1.0
+
+
+def test_a_run_reports_reliability_and_stability(tmp_path: Path) -> None:
+    overrides = ['run.methods=["cpift"]', "probe.repeats=2", "probe.snapshot_every=1", "probe.steps=3",
+                 'probe.optimizer="sgd"', "probe.lr=0.05"]
+    run = run_config(load_config(ROOT / "configs" / "tiny.toml", overrides), tmp_path / "run", progress=False)
+    assert run.exists(probe_dir("math", 2)) and run.exists(retest_regions_dir(2) + "/manifest.json")
+    records = run.read_json(RELIABILITY)
+    assert {r["task"] for r in records} == {"math", "code", "logic", "format"}
+    for record in records:
+        assert 0 <= record["jaccard"] <= 1 and 0 < record["expected"] < 1 and record["repeat"] == 2
+    curves = run.read_json(STABILITY)
+    assert set(curves) == {"math", "code", "logic", "format"}
+    assert curves["math"]["step"] == [1, 2, 3] and curves["math"]["jaccard_to_final"][-1] == 1.0
+    assert json.loads((run.path / "similarity.json").read_text())["tasks"] == ["math", "code", "logic", "format"]
