@@ -150,3 +150,46 @@ def group_sizes(masks: Mapping[str, np.ndarray], layout: Layout, by: str = "laye
         share = np.divide(size, numel, out=np.zeros(len(order)), where=numel > 0)
         frames.append(pd.DataFrame({"group": order, "task": task, "size": size, "numel": numel, "share": share}))
     return pd.concat(frames, ignore_index=True)
+
+
+def overlap_significance(masks: Mapping[str, np.ndarray], layout: Layout, by: str | None = None) -> pd.DataFrame:
+    """Every task pair's overlap beside chance, over the whole model (``by=None``, group ``all``)
+    or within each group of tensors (``"layer"``, ``"module"``, ``"tensor"``).
+
+    Columns: ``group, task_a, task_b, size_a, size_b, elements`` (the group's parameters),
+    ``intersection, jaccard``, ``expected_jaccard`` (two random sets of the cores' sizes in that
+    group: :func:`expected_jaccard`), ``lift`` (observed / expected; NaN when expected is 0) and
+    ``p_value``: the chance of an intersection at least this large if the two cores were
+    independent random sets of their sizes (hypergeometric upper tail).
+    """
+    from scipy.stats import hypergeom
+
+    tasks = list(masks)
+    if len(tasks) < 2:
+        raise ParameterError(f"overlap needs at least two tasks, got {len(tasks)}")
+    if by is None:
+        rows = [{"group": "all", "task_a": a, "task_b": b, "size_a": popcount(masks[a]), "size_b": popcount(masks[b]),
+                 "elements": layout.numel, "intersection": popcount(masks[a] & masks[b])}
+                for a, b in combinations(tasks, 2)]
+        table = pd.DataFrame(rows)
+    else:
+        table = group_jaccard(masks, layout, by).drop(columns=["jaccard", "union"])
+        sizes = group_sizes(masks, layout, by).set_index(["group", "task"])
+        table["size_a"] = sizes["size"].reindex(list(zip(table.group, table.task_a))).to_numpy()
+        table["size_b"] = sizes["size"].reindex(list(zip(table.group, table.task_b))).to_numpy()
+        table["elements"] = sizes["numel"].reindex(list(zip(table.group, table.task_a))).to_numpy()
+    union = table.size_a + table.size_b - table.intersection
+    table["jaccard"] = np.divide(table.intersection, union, out=np.zeros(len(table)), where=union > 0)
+    table["expected_jaccard"] = [expected_jaccard(a, b, d) for a, b, d in zip(table.size_a, table.size_b, table.elements)]
+    table["lift"] = np.divide(table.jaccard, table.expected_jaccard, out=np.full(len(table), np.nan),
+                              where=table.expected_jaccard > 0)
+    table["p_value"] = hypergeom.sf(table.intersection - 1, table.elements, table.size_a, table.size_b)
+    columns = ["group", "task_a", "task_b", "size_a", "size_b", "elements", "intersection", "jaccard",
+               "expected_jaccard", "lift", "p_value"]
+    return table[columns].reset_index(drop=True)
+
+
+def significant_pairs(table: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """The pairs of :func:`overlap_significance` that overlap more than chance: lift above 1 and
+    a p-value below ``alpha`` after Bonferroni's correction over the rows."""
+    return table[(table.lift > 1) & (table.p_value < alpha / max(len(table), 1))]

@@ -45,7 +45,7 @@ from .errors import CheckpointError, FormatError, ParameterError
 from .manifest import manifest_header, read_manifest
 from .masks import (Layout, from_positions, load_packed, popcount, positions, save_packed, tensor_counts, unpack,
                     unpack_all)
-from .overlap import group_jaccard, group_sizes, jaccard_matrix
+from .overlap import group_jaccard, group_sizes, jaccard_matrix, overlap_significance
 from .selection import check_scope, k_for_percent, top_k, top_percent
 
 FORMAT = "cpift.core_regions"
@@ -173,6 +173,12 @@ class CoreRegions:
         ``by="tensor"``: each tensor. Also gives the ``intersection`` and ``union`` counts.
         """
         return group_jaccard(self._masks, self.layout, by)
+
+    def overlap_significance(self, by: str | None = None) -> pd.DataFrame:
+        """Every task pair's Jaccard beside chance — the expected Jaccard of random cores of the
+        same sizes, the lift over it and the hypergeometric p-value — over the whole model or
+        per group (:func:`cpift.overlap.overlap_significance`)."""
+        return overlap_significance(self._masks, self.layout, by)
 
     # -- changing p ------------------------------------------------------------------------
 

@@ -125,6 +125,15 @@ def test_overlap_page_layer_switch_and_p(run_path, saved):
                        saved.with_p(2.5).jaccard().to_numpy())
 
 
+def test_overlap_page_shows_each_pair_beside_chance(run_path, saved):
+    at = open_page("overlap", run_path)
+    shown = next(d.value for d in at.dataframe if "expected_jaccard" in d.value.columns)
+    expected = saved.overlap_significance()
+    assert np.allclose(shown["expected_jaccard"], expected["expected_jaccard"])
+    assert np.allclose(shown["lift"], expected["lift"], equal_nan=True)
+    assert "chance" in " ".join(str(e.value) for e in [*at.caption, *at.warning])
+
+
 def _groups(fig: go.Figure) -> list[str]:
     return sorted(t.name for t in fig.data if t.name.startswith("group "))
 

@@ -52,3 +52,27 @@ def test_a_run_reports_reliability_and_stability(tmp_path: Path) -> None:
     assert set(curves) == {"math", "code", "logic", "format"}
     assert curves["math"]["step"] == [1, 2, 3] and curves["math"]["jaccard_to_final"][-1] == 1.0
     assert json.loads((run.path / "similarity.json").read_text())["tasks"] == ["math", "code", "logic", "format"]
+
+
+def test_planted_overlap_is_significant_and_independent_cores_are_not() -> None:
+    from cpift.masks import Layout
+    from cpift.overlap import overlap_significance, significant_pairs
+
+    rng = np.random.default_rng(1)
+    layout = Layout(("model.layers.0.w", "model.layers.1.w"), ((100, 100), (100, 100)))
+    d = layout.numel
+
+    def mask(indices):
+        return from_positions(np.unique(indices), layout.n_words)
+
+    shared = rng.choice(d, 100, replace=False)
+    planted = {"a": mask(np.r_[shared, rng.choice(d, 100, replace=False)]),
+               "b": mask(np.r_[shared, rng.choice(d, 100, replace=False)])}
+    table = overlap_significance(planted, layout)
+    assert table.p_value[0] < 1e-20 and table.lift[0] > 10 and len(significant_pairs(table)) == 1
+    per_layer = overlap_significance(planted, layout, "layer")
+    assert (per_layer.size_a + per_layer.size_b > 0).all() and set(per_layer.group) == {"0", "1"}
+    p_values = [overlap_significance({"x": mask(rng.choice(d, 200, replace=False)),
+                                      "y": mask(rng.choice(d, 200, replace=False))}, layout).p_value[0]
+                for _ in range(300)]
+    assert 0.01 < np.mean(np.array(p_values) < 0.05) < 0.10  # about 5 % by chance (discrete: conservative)

@@ -101,3 +101,19 @@ def test_pack_keeps_items_and_every_seed_without_weights(seeded_run: RunDir, tmp
     assert (packed / seed_dir(1) / "regions" / "manifest.json").is_file()
     assert not list(packed.rglob(WEIGHTS_FILE)) and not list(packed.rglob("checkpoints"))
     assert compare([packed]).drop(columns="run").equals(compare([seeded_run.path]).drop(columns="run"))
+
+
+def test_compare_page_draws_error_bars_and_a_paired_table(seeded_run: RunDir) -> None:
+    from test_app_runs import chart, open_page, texts
+
+    at = open_page("compare", seeded_run.path)
+    metrics = json.loads((seeded_run.path / "metrics.json").read_text())
+    scores = chart(at, 0)
+    first = scores.data[0]
+    low, high = metrics["intervals"]["scores"][first.name][first.x[0]]
+    assert first.error_y.array[0] == pytest.approx(high - first.y[0])
+    assert first.error_y.arrayminus[0] == pytest.approx(first.y[0] - low)
+    assert "too few items to rank" in str(scores.layout.annotations)  # 4 items per task
+    paired = next(d.value for d in at.dataframe if "excludes_zero" in d.value.columns)
+    assert {"cpift", "base"} <= set(paired.model) and "multitask" not in set(paired.model)
+    assert "mcnemar" in texts(at.caption).lower() or "McNemar" in texts(at.caption)

@@ -10,7 +10,8 @@ import plotly.graph_objects as go
 import streamlit as st
 from common import errors_shown, list_runs, pick_run, resolve_path
 
-from cpift.scores import compare, formatted
+from cpift.errors import FormatError
+from cpift.scores import compare, formatted, paired_comparisons, read_items
 from cpift.plots.compare import merge_metrics
 from cpift.report import chromium_path, comparison_figures, export_report, figure_file, load_metrics, sequential_view
 from cpift.runs import RunDir
@@ -62,6 +63,11 @@ def show(paths: list[Path]) -> None:
         return
     st.markdown("#### Methods × tasks")
     st.dataframe(formatted(compare(scored)), key="compare_table")
+    st.caption("mean [95 % interval]; n = evaluation items per seed; `!` = an interval wider than ±10 points: too "
+               "few items to rank the models by that score.")
+    for run in runs:
+        if run.path in scored:
+            paired_table(run)
     for i, (title, fig) in enumerate(comparison_figures(merge_metrics(metrics)).items()):
         chart(fig, title, f"cmp{i}")
     for run in runs:
@@ -70,6 +76,26 @@ def show(paths: list[Path]) -> None:
             st.markdown(f"#### Sequential study — {run.path.name}")
             st.dataframe(table.style.format("{:+.3f}", subset=["delta_A", "delta_B"]), key=f"seq_{run.path.name}")
             chart(fig, f"sequential {run.path.name}", f"seq_fig_{run.path.name}")
+
+
+def paired_table(run: RunDir) -> None:
+    """Each model of ``run`` against a chosen reference, paired by item: differences with intervals."""
+    try:
+        items = read_items(run)
+    except FormatError:
+        st.info(f"{run.path.name}: no per-item results (made by an older cpift), so no paired comparison.")
+        return
+    models = list(dict.fromkeys(items.model))
+    default = "multitask" if "multitask" in models else "base"
+    reference = st.selectbox(f"Paired comparison in {run.path.name}: reference model", models,
+                             index=models.index(default) if default in models else 0, key=f"ref_{run.path.name}")
+    table = paired_comparisons(items, reference)
+    st.dataframe(table.style.format({"difference": "{:+.3f}", "low": "{:+.3f}", "high": "{:+.3f}",
+                                     "p_value": "{:.3g}"}), key=f"paired_{run.path.name}")
+    st.caption(f"difference = model − {reference} on the same items (normalised average on 0–10), its 95 % paired "
+               "interval and p-value (exact McNemar for one seed of binary scores, else a sign-flip permutation "
+               "test; bootstrap for the normalised average); `excludes_zero`: the difference is distinguishable "
+               "from no difference.")
 
 
 def report(paths: list[Path]) -> None:

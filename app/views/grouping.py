@@ -6,6 +6,7 @@ import numpy as np
 import streamlit as st
 from common import Source, errors_shown, linked_slider, memo, p_slider, page_source
 
+from cpift.overlap import significant_pairs
 from cpift.grouping import STAGE_ORDERS, dendrogram_data, group_tasks, groupings_by_tau, stage_order
 from cpift.plots import dendrogram_figure, node_positions, similarity_graph_figure, stage_plan_figure
 
@@ -45,5 +46,15 @@ def by_tau(src: Source, similarity, p: float) -> None:
 src = page_source()
 with errors_shown():
     p = p_slider(src)
-    similarity = memo(src, "jaccard", p, src.regions(p).jaccard)
+    regions = src.regions(p)
+    similarity = memo(src, "jaccard", p, regions.jaccard)
+    if len(regions.tasks) > 1:
+        significance = memo(src, "significance", p, regions.overlap_significance)
+        chance_level = float(significance.expected_jaccard.mean())
+        if significant_pairs(significance).empty:
+            st.warning(f"No pair of tasks overlaps more than chance at p = {p:g} % (chance Jaccard ≈ "
+                       f"{chance_level:.4f}): a grouping at any τ is noise.")
+        else:
+            st.caption(f"Chance Jaccard at p = {p:g} %: ≈ {chance_level:.4f} (two random cores of these sizes); "
+                       "a τ at or below it links tasks by chance.")
     by_tau(src, similarity, p)

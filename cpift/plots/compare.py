@@ -24,7 +24,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ..errors import FormatError, ParameterError
-from ..scores import AFTER_A, RETENTION_LOSSES, SEQUENTIAL_PREFIX
+from ..scores import AFTER_A, RETENTION_LOSSES, SEQUENTIAL_PREFIX, WIDE_INTERVAL
 from .style import colors
 
 BASE = "base"
@@ -46,7 +46,12 @@ def merge_metrics(runs: Mapping[str, Mapping]) -> dict:
     merged: dict = {}
     for name, metrics in runs.items():
         for view, table in metrics.items():
-            if isinstance(table, Mapping):
+            if view in _NESTED:  # views of views: model keys one level down
+                for sub, inner in table.items():
+                    if isinstance(inner, Mapping) and sub != "items":
+                        merged.setdefault(view, {}).setdefault(sub, {}).update(
+                            {f"{name}/{model}": value for model, value in inner.items()})
+            elif isinstance(table, Mapping) and view != "sequential":
                 merged.setdefault(view, {}).update({f"{name}/{model}": value for model, value in table.items()})
     return merged
 
@@ -59,21 +64,58 @@ def scores_table(metrics: Mapping) -> pd.DataFrame:
     return table
 
 
+_NESTED = ("intervals", "n")
+"""Views whose first level names other views (``intervals``) or counts (``n``), not models."""
+TOO_FEW = "too few items to rank: some intervals are wider than ±10 points"
+
+
 def _tasks(metrics: Mapping) -> list[str]:
     return list(dict.fromkeys(task for row in metrics["scores"].values() for task in row))
+
+
+def _bounds(metrics: Mapping, view: str, model: str, keys: list | None = None) -> list[tuple[float, float]]:
+    """The ``[low, high]`` intervals of ``view`` for ``model`` (per key, or the model's own), NaN
+    where the metrics hold none (a run without per-item results)."""
+    table = metrics.get("intervals", {}).get(view, {}).get(model)
+    if keys is None:
+        return [tuple(table) if table else (np.nan, np.nan)]
+    table = table or {}
+    return [tuple(table[k]) if k in table else (np.nan, np.nan) for k in keys]
+
+
+def _error_y(values: list, bounds: list[tuple[float, float]]) -> dict:
+    """Plotly error bars from the values and their intervals (none where unknown)."""
+    value = np.array([np.nan if v is None else v for v in values], dtype=float)
+    low, high = np.array(bounds, dtype=float).reshape(-1, 2).T
+    return {"type": "data", "symmetric": False, "array": list(np.nan_to_num(high - value)),
+            "arrayminus": list(np.nan_to_num(value - low)), "visible": bool(np.isfinite(low).any())}
+
+
+def _too_few(fig: go.Figure, bounds: list[tuple[float, float]], scale: float = 1.0) -> None:
+    """Note on the figure when any interval is wider than ±10 points (×``scale``)."""
+    widths = [(h - lo) / 2 for lo, h in bounds if np.isfinite(lo)]
+    if widths and max(widths) > WIDE_INTERVAL * scale:
+        fig.add_annotation(text=TOO_FEW, xref="paper", yref="paper", x=0, y=1.08, showarrow=False,
+                           font={"color": "#b35900"})
 
 
 def scores_figure(metrics: Mapping) -> go.Figure:
     """Grouped bars: each model's score on each task (every task metric lies in [0, 1])."""
     tasks, models = _tasks(metrics), list(metrics["scores"])
     palette = colors(models)
-    fig = go.Figure()
+    counts, seeds = metrics.get("n", {}).get("items", {}), metrics.get("n", {}).get("seeds", {})
+    fig, every = go.Figure(), []
     for model in models:
         row = metrics["scores"][model]
-        fig.add_bar(x=tasks, y=[row.get(t) for t in tasks], name=model, marker_color=palette[model],
-                    hovertemplate=f"{model}<br>%{{x}}: %{{y:.3f}}<extra></extra>")
-    fig.update_layout(barmode="group", title="Scores per task", xaxis_title="task", yaxis_title="score",
-                      legend_title="model", yaxis_range=[0, 1])
+        values, bounds = [row.get(t) for t in tasks], _bounds(metrics, "scores", model, tasks)
+        every += bounds
+        custom = [[lo, hi, counts.get(t, "?"), seeds.get(model, "?")] for t, (lo, hi) in zip(tasks, bounds)]
+        fig.add_bar(x=tasks, y=values, name=model, marker_color=palette[model], error_y=_error_y(values, bounds),
+                    customdata=custom, hovertemplate=f"{model}<br>%{{x}}: %{{y:.3f}} [%{{customdata[0]:.3f}}, "
+                    "%{customdata[1]:.3f}]<br>n = %{customdata[2]} items × %{customdata[3]} seeds<extra></extra>")
+    fig.update_layout(barmode="group", title="Scores per task (95 % intervals)", xaxis_title="task",
+                      yaxis_title="score", legend_title="model", yaxis_range=[0, 1])
+    _too_few(fig, every)
     return fig
 
 
@@ -92,11 +134,21 @@ def seesaw_figure(metrics: Mapping) -> go.Figure:
                                                                                                     len(tasks))
     reach = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 0.0
     reach = reach or 1.0
+    bounds = np.array([_bounds(metrics, "seesaw", m, tasks) for m in models], dtype=float).reshape(len(models),
+                                                                                                   len(tasks), 2)
+    p_values = metrics.get("seesaw_p", {})
+    p = np.array([[p_values.get(m, {}).get(t, np.nan) for t in tasks] for m in models], dtype=float)
+    clear = (bounds[..., 0] > 0) | (bounds[..., 1] < 0)  # the interval excludes 0
     text = np.where(np.isnan(z), "", np.vectorize(lambda v: f"{v:+.3f}")(np.nan_to_num(z)))
+    text = np.where(clear, np.char.add(text.astype(str), " *"), text)
+    custom = np.dstack([bounds, p[..., None]])
     fig = go.Figure(go.Heatmap(z=z, x=tasks, y=models, zmid=0.0, zmin=-reach, zmax=reach, colorscale="RdBu",
-                               text=text, texttemplate="%{text}", colorbar={"title": "Δ score"},
-                               hovertemplate="%{y} on %{x}: %{z:+.4f} against the base<extra></extra>"))
-    fig.update_layout(title="Seesaw: change per task against the base model", xaxis_title="task")
+                               text=text, texttemplate="%{text}", colorbar={"title": "Δ score"}, customdata=custom,
+                               hovertemplate="%{y} on %{x}: %{z:+.4f} against the base<br>95 % interval "
+                                             "[%{customdata[0]:+.3f}, %{customdata[1]:+.3f}], p = %{customdata[2]:.3g}"
+                                             "<extra></extra>"))
+    fig.update_layout(title="Seesaw: change per task against the base model (* the interval excludes 0)",
+                      xaxis_title="task")
     fig.update_yaxes(autorange="reversed", type="category")
     return fig
 
@@ -120,7 +172,9 @@ def retention_figure(metrics: Mapping) -> go.Figure:
     palette = colors(list(table.columns))
     fig = go.Figure()
     for measure in table.columns:
+        bounds = [_bounds(metrics, "retention", m, [measure])[0] for m in table.index]
         fig.add_bar(x=list(table.index), y=table[measure], name=measure, marker_color=palette[measure],
+                    error_y=_error_y(list(table[measure]), bounds),
                     hovertemplate=f"%{{x}}<br>{measure}: %{{y:.4f}}<extra></extra>")
     forgetting = metrics.get("forgetting") or {}
     if forgetting:
@@ -170,7 +224,11 @@ def pareto_figure(metrics: Mapping) -> go.Figure:
     fig.add_scatter(x=front["in_distribution"], y=front["out_of_distribution"], mode="lines", name="Pareto front",
                     line={"dash": "dot", "color": "grey"}, hoverinfo="skip")
     for model, row in table.iterrows():
+        x_bounds = [tuple(v / 10 for v in _bounds(metrics, "normalised_average", model)[0])]
+        y_bounds = _bounds(metrics, "retention_mean", model)
         fig.add_scatter(x=[row["in_distribution"]], y=[row["out_of_distribution"]], mode="markers+text",
+                        error_x=_error_y([row["in_distribution"]], x_bounds),
+                        error_y=_error_y([row["out_of_distribution"]], y_bounds),
                         name=model, text=[model], textposition="top center",
                         marker={"size": 12, "color": palette[model], "symbol": "star" if row["pareto"] else "circle"},
                         customdata=[[row["mean_forget_ratio"], row["collapse_rate"]]],
