@@ -30,7 +30,7 @@ from plotly.offline import get_plotlyjs
 from ._version import __version__
 from .atomic import atomic_write_text
 from .config import parse_config
-from .errors import CpiftError, ParameterError
+from .errors import CpiftError, FormatError, ParameterError
 from .explore import run_fusion_report, run_progress, run_regions, run_similarity
 from .grouping import dendrogram_data, groupings_by_tau
 from .overlap import layer_of
@@ -53,7 +53,7 @@ from .plots import (
 )
 from .plots.compare import merge_metrics, sequential_table
 from .runs import GROUPS, METRICS_JSON, REGIONS, RunDir
-from .scores import compare, formatted
+from .scores import compare, formatted, paired_comparisons, read_items
 
 __all__ = ["chromium_path", "comparison_figures", "export_report", "figure_file", "layer_shares", "load_metrics",
            "run_figures", "run_names", "sequential_view"]
@@ -200,6 +200,20 @@ def _table_html(table: pd.DataFrame) -> str:
     return table.to_html(classes="data", float_format=lambda v: f"{v:.4f}", na_rep="—", border=0)
 
 
+def _paired_html(run: RunDir) -> str:
+    """The run's models against multitask (else the base), paired by item, as an HTML table."""
+    try:
+        items = read_items(run)
+    except FormatError:
+        return '<p class="note">No per-item results (an older cpift made this run): no paired comparison.</p>'
+    reference = "multitask" if "multitask" in set(items.model) else "base"
+    return (f"<h3>Paired comparison against {html.escape(reference)}</h3>"
+            + _table_html(paired_comparisons(items, reference).set_index(["model", "task"]))
+            + f'<p class="note">difference = model − {html.escape(reference)} on the same items (normalised '
+            "average on 0–10), 95 % paired interval, p-value (exact McNemar for one seed of binary scores, else "
+            "a sign-flip permutation test; bootstrap for the normalised average).</p>")
+
+
 def _run_html(run: RunDir, metrics: Mapping | None) -> str:
     manifest = run.manifest
     status = f"status {manifest['status']}" + (f" — {manifest['error']}" if manifest.get("error") else "")
@@ -211,6 +225,7 @@ def _run_html(run: RunDir, metrics: Mapping | None) -> str:
     if table is not None and not table.empty:
         parts.append(_table_html(table.set_index(table.columns[0])))
     parts.append(_figures_html({"Sequential study": figure}))
+    parts.append(_paired_html(run))
     parts.append("<h3>Training and exploration</h3>")
     parts.append(_figures_html(run_figures(run.path)))
     try:

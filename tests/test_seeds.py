@@ -117,3 +117,16 @@ def test_compare_page_draws_error_bars_and_a_paired_table(seeded_run: RunDir) ->
     paired = next(d.value for d in at.dataframe if "excludes_zero" in d.value.columns)
     assert {"cpift", "base"} <= set(paired.model) and "multitask" not in set(paired.model)
     assert "mcnemar" in texts(at.caption).lower() or "McNemar" in texts(at.caption)
+
+
+def test_sequential_study_and_report_carry_intervals(seeded_run: RunDir, tmp_path: Path) -> None:
+    from cpift.plots.compare import sequential_figure, sequential_table
+    from cpift.report import export_report
+
+    metrics = json.loads((seeded_run.path / "metrics.json").read_text())
+    table = sequential_table(metrics, "math", "code")
+    assert {"delta_A_low", "delta_A_high", "delta_B_p_value"} <= set(table.columns)
+    assert (table.delta_A_low <= table.delta_A).all() and (table.delta_A <= table.delta_A_high).all()
+    assert sequential_figure(table, "math", "code").data[0].error_y.visible
+    page = export_report([seeded_run.path], tmp_path / "report.html").read_text()
+    assert "Paired comparison against multitask" in page and "McNemar" in page

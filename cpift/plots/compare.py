@@ -244,7 +244,9 @@ def sequential_table(metrics: Mapping, first: str, second: str) -> pd.DataFrame:
     """The A→B forgetting study from a run's scores: one row per variant trained on B after A.
 
     Columns: ``A_after_A``, ``A_after_B`` and ``delta_A`` (forgetting of A: after B − after A),
-    ``B_base``, ``B_after_B`` and ``delta_B`` (learning of B: after B − the base). Models are found
+    ``B_base``, ``B_after_B`` and ``delta_B`` (learning of B: after B − the base), and where the
+    metrics have the paired study (per-item results) ``delta_A_low``/``_high``/``_p_value`` and the
+    same for ``delta_B``. Models are found
     by their labels (:data:`AFTER_A`, :data:`SEQUENTIAL_PREFIX` + variant; ``run/``-prefixed in
     merged metrics, with a ``run`` column then). Empty when the run has no sequential study.
     """
@@ -263,6 +265,12 @@ def sequential_table(metrics: Mapping, first: str, second: str) -> pd.DataFrame:
         table[column] = pd.to_numeric(table[column])
     table["delta_A"] = table["A_after_B"] - table["A_after_A"]
     table["delta_B"] = table["B_after_B"] - table["B_base"]
+    paired = (metrics.get("sequential") or {}).get("variants", {})
+    if paired:  # intervals and p-values of the paired differences (runs with per-item results)
+        for delta in ("delta_A", "delta_B"):
+            for part in ("low", "high", "p_value"):
+                table[f"{delta}_{part}"] = [(paired.get(v, {}).get(delta) or {}).get(part, np.nan)
+                                            for v in table["variant"]]
     if not table["run"].astype(bool).any():
         table = table.drop(columns="run")
     return table
@@ -281,7 +289,10 @@ def sequential_figure(table: pd.DataFrame, first: str, second: str) -> go.Figure
     fig = go.Figure()
     for column, label, color in (("delta_A", f"ΔA: {first} after B − after A (forgetting)", "#d62728"),
                                  ("delta_B", f"ΔB: {second} after B − base (learning)", "#2ca02c")):
+        bounds = (list(zip(table[f"{column}_low"], table[f"{column}_high"])) if f"{column}_low" in table.columns
+                  else [(np.nan, np.nan)] * len(table))
         fig.add_bar(x=list(names), y=table[column], name=label, marker_color=color,
+                    error_y=_error_y(list(table[column]), bounds),
                     hovertemplate=f"%{{x}}<br>{label}: %{{y:+.4f}}<extra></extra>")
     fig.update_layout(barmode="group", title=f"Sequential study: {first} (A), then {second} (B)",
                       xaxis_title="variant trained on B", yaxis_title="Δ score", legend_title="")
