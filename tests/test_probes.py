@@ -76,3 +76,15 @@ def test_planted_overlap_is_significant_and_independent_cores_are_not() -> None:
                                       "y": mask(rng.choice(d, 200, replace=False))}, layout).p_value[0]
                 for _ in range(300)]
     assert 0.01 < np.mean(np.array(p_values) < 0.05) < 0.10  # about 5 % by chance (discrete: conservative)
+
+
+def test_regions_page_draws_the_stability_curves(tmp_path: Path) -> None:
+    from test_app_runs import chart, open_page
+
+    overrides = ['run.methods=["cpift"]', "probe.snapshot_every=1", "probe.steps=2", 'data.tasks=["math", "code"]']
+    run = run_config(load_config(ROOT / "configs" / "tiny.toml", overrides), tmp_path / "run", progress=False)
+    at = open_page("regions", run.path)
+    figures = [chart(at, i) for i in range(len(at.get("plotly_chart")))]
+    stability_chart = next(f for f in figures if "stability" in f.layout.title.text)
+    assert {t.name for t in stability_chart.data} == {"math", "code"}
+    assert list(stability_chart.data[0].y)[-1] == 1.0

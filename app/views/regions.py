@@ -8,8 +8,9 @@ from common import CUSTOM, Source, errors_shown, p_slider, page_source, remember
 
 from cpift.errors import ParameterError
 from cpift.overlap import GROUP_BY
-from cpift.plots import core_sizes_figure, magnitude_histogram_figure
+from cpift.plots import core_sizes_figure, magnitude_histogram_figure, stability_figure
 from cpift.regions import core_regions
+from cpift.runs import STABILITY
 
 st.title("Core regions")
 st.caption("Each task's core: the top p % of parameters by |θ_task − θ_base| after its probe fine-tune.")
@@ -66,5 +67,19 @@ def explore(src: Source) -> None:
         return
     st.plotly_chart(magnitude_histogram_figure(histograms, thresholds, p), key="histogram")
 
+
+def stability(src: Source) -> None:
+    """The run's core-stability curves (probe.snapshot_every), or why there are none."""
+    if src.run is None:
+        return
+    st.markdown("#### Was the probe long enough?")
+    if not src.run.exists(STABILITY):
+        st.info("This run kept no snapshots of its probes' cores (probe.snapshot_every = 0): whether its cores had "
+                "stopped moving is unknown; short probes give cores that are largely arbitrary.")
+        return
+    st.plotly_chart(stability_figure(src.run.read_json(STABILITY)), key="stability")
+
 checkpoints_form()
-explore(page_source())
+source = page_source()
+explore(source)
+stability(source)

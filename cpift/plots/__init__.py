@@ -11,7 +11,7 @@ from .drift import drift_figure
 from .fusion import angle_distribution_figure, transplant_shares_figure
 from .grouping import dendrogram_figure, node_positions, similarity_graph_figure, stage_plan_figure
 from .overlap import group_jaccard_heatmap, jaccard_heatmap, pairs_heatmap
-from .regions import core_sizes_figure, magnitude_histogram_figure
+from .regions import core_sizes_figure, magnitude_histogram_figure, stability_figure
 from .training import loss_figure
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "scores_figure",
     "seesaw_figure",
     "sequential_figure",
+    "stability_figure",
     "similarity_graph_figure",
     "stage_plan_figure",
     "transplant_shares_figure",

@@ -66,3 +66,20 @@ def magnitude_histogram_figure(
                       legend_title="task (unchanged elements)")
     fig.update_xaxes(type="log")
     return fig
+
+
+def stability_figure(curves: Mapping[str, Mapping[str, list]], chance: float | None = None) -> go.Figure:
+    """Per task, the Jaccard of the probe's core at each snapshot step with its final core (a run's
+    ``stability.json``, :func:`cpift.probes.stability`): a curve still rising at the end means a
+    longer probe would have given another core. ``chance``: the Jaccard of random cores, dashed."""
+    palette = colors(list(curves))
+    fig = go.Figure()
+    for task, curve in curves.items():
+        fig.add_scatter(x=curve["step"], y=curve["jaccard_to_final"], mode="lines+markers", name=task,
+                        line={"color": palette[task]},
+                        hovertemplate=f"{task}<br>step %{{x}}: Jaccard with the final core %{{y:.3f}}<extra></extra>")
+    if chance is not None:
+        fig.add_hline(y=chance, line_dash="dash", line_color="grey", annotation_text="chance")
+    fig.update_layout(title="Core stability over the probe", xaxis_title="probe step",
+                      yaxis_title="Jaccard with the final core", yaxis_range=[0, 1.02], legend_title="task")
+    return fig
