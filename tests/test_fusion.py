@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -528,3 +529,207 @@ def test_transplant_report_from_compact_saved_regions(regions3, tmp_path):
     assert compact.max_p == regions3.p
     for overlap in ("max_delta", "last"):
         assert transplant_report(compact, overlap).equals(transplant_report(regions3, overlap)), overlap
+
+
+# ---------------------------------------------------------------------------------------------
+# The streaming fusion gives the same bits as the implementation it replaced
+# ---------------------------------------------------------------------------------------------
+
+
+def previous_fuse(base, tuned, regions, omega=0.5, overlap="max_delta", fold="mean"):
+    """The fusion loop as it was before it streamed (whole-tensor boolean masks, a zeroed sum, a cloned result).
+
+    Kept verbatim (minus progress bar and checks) as the reference that the current code must match bit for bit.
+    """
+    from cpift.fusion import _cosine, _slerp_flat
+
+    def resolve(owns, delta):
+        count = owns.sum(0)
+        contested = count > 1
+        if overlap == "mean":
+            return None, owns & ~contested, contested
+        if overlap == "last":
+            score = torch.arange(owns.shape[0], dtype=torch.float32).unsqueeze(1).expand(owns.shape)
+        else:
+            score = delta
+        winner = torch.where(owns, score, -1.0).argmax(0)
+        credit = torch.zeros_like(owns)
+        credit[winner, torch.arange(owns.shape[1])] = True
+        return winner, credit, contested
+
+    def transplant(fused, b, values, masks):
+        in_any = masks[0].clone()
+        for mask in masks[1:]:
+            in_any |= mask
+        where = torch.nonzero(in_any).squeeze(1)
+        owns = torch.stack([mask[where] for mask in masks])
+        vals = torch.stack([value[where] for value in values])
+        delta = (vals - b[where]).abs() if overlap == "max_delta" else None
+        winner, credit, contested = resolve(owns, delta)
+        if winner is None:
+            chosen = torch.where(owns, vals, 0.0).sum(0) / owns.sum(0)
+        else:
+            chosen = vals.gather(0, winner.unsqueeze(0)).squeeze(0)
+        result = fused.clone()
+        result[where] = chosen
+        return result, credit.sum(1).tolist(), int(contested.sum())
+
+    base_ckpt = open_checkpoint(base, label="base")
+    task_ckpts = {t: open_checkpoint(m, label=t) for t, m in tuned.items()}
+    tasks, in_layout = regions.tasks, set(regions.layout.names)
+    state, rows = {}, []
+    for name in base_ckpt.names():
+        base_tensor = base_ckpt.get(name)
+        row = {"tensor": name, "numel": base_tensor.numel(), "contested": 0}
+        if not base_tensor.dtype.is_floating_point:
+            state[name] = base_tensor
+            rows.append(row)
+            continue
+        b = base_tensor.float().reshape(-1)
+        values = [task_ckpts[t].get(name).float().reshape(-1) for t in tasks]
+        cosines = [_cosine(b, v) for v in values]
+        for task, cos in zip(tasks, cosines):
+            row[f"angle:{task}"] = math.degrees(math.acos(cos))
+        if omega == 0:
+            fused = b
+        elif fold == "mean":
+            fused = torch.zeros_like(b)
+            for v, cos in zip(values, cosines):
+                fused += _slerp_flat(b, v, omega, cos)
+            fused /= len(values)
+        else:
+            fused = b
+            for v in values:
+                fused = _slerp_flat(fused, v, omega, _cosine(fused, v))
+        if name in in_layout:
+            masks = [regions.tensor_mask(t, name).reshape(-1) for t in tasks]
+            fused, owned, row["contested"] = transplant(fused, b, values, masks)
+            row.update({f"from:{task}": n for task, n in zip(tasks, owned)})
+        state[name] = fused.reshape(base_tensor.shape).to(base_tensor.dtype)
+        rows.append(row)
+    return state, pd.DataFrame(rows).fillna(0)
+
+
+def assert_same_bits(actual, expected):
+    """Equal tensors bit for bit (so -0.0 differs from 0.0, and NaN payloads count), same names and order."""
+    assert list(actual) == list(expected)
+    for name, want in expected.items():
+        got = actual[name]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert torch.equal(got.contiguous().reshape(-1).view(torch.uint8),
+                           want.contiguous().reshape(-1).view(torch.uint8)), name
+
+
+def signed_zero_case():
+    """Two tasks far from the base (the SLERP branch, not linear) where base and tasks hold -0.0 together.
+
+    There SLERP gives -0.0 and the fused value must be +0.0, as the sum from zeros made it.
+    """
+    generator = torch.Generator().manual_seed(11)
+    base = {"w": torch.randn(6, 64, generator=generator), "v": torch.randn(130, generator=generator).to(torch.float16),
+            "ids": torch.arange(5)}
+    tasks = {}
+    for task in ("a", "b"):
+        state = {n: (t + torch.randn(t.shape, generator=generator).to(t.dtype) if t.is_floating_point() else t + 1)
+                 for n, t in base.items()}
+        tasks[task] = state
+    for state in (base, *tasks.values()):
+        state["w"][0, :8] = -0.0
+    return base, tasks
+
+
+@pytest.mark.parametrize("omega", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("fold", ["mean", "sequential"])
+@pytest.mark.parametrize("overlap", ["max_delta", "last", "mean"])
+def test_fuse_same_bits_as_previous_implementation(tiny_base, tiny_tasks, regions3, omega, fold, overlap):
+    fused = fuse(tiny_base, tiny_tasks, regions3, omega, overlap, fold=fold)
+    expected, report = previous_fuse(tiny_base, tiny_tasks, regions3, omega, overlap, fold)
+    assert_same_bits(fused, expected)
+    pd.testing.assert_frame_equal(fused.report, report)
+
+
+@pytest.mark.parametrize("omega", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("fold", ["mean", "sequential"])
+def test_fuse_same_bits_as_previous_one_task_excluded_tensors(tiny_base, tiny_tasks, omega, fold):
+    tasks = {"math": tiny_tasks["math"]}
+    regions = core_regions(tiny_base, tasks, p=5, exclude=["*embed_tokens*", "*norm*"])
+    fused = fuse(tiny_base, tasks, regions, omega, fold=fold)
+    expected, report = previous_fuse(tiny_base, tasks, regions, omega, fold=fold)
+    assert_same_bits(fused, expected)
+    pd.testing.assert_frame_equal(fused.report, report)
+
+
+@pytest.mark.parametrize("fold", ["mean", "sequential"])
+@pytest.mark.parametrize("overlap", ["max_delta", "last", "mean"])
+def test_fuse_same_bits_as_previous_signed_zeros_and_dtypes(fold, overlap):
+    base, tasks = signed_zero_case()
+    regions = core_regions(base, tasks, p=20)
+    fused = fuse(base, tasks, regions, 0.5, overlap, fold=fold)
+    expected, report = previous_fuse(base, tasks, regions, 0.5, overlap, fold)
+    if fold == "mean":  # the case does what it is for: SLERP gave -0.0 where the fusion keeps +0.0
+        from cpift.fusion import _cosine, _slerp_flat
+
+        b, v = base["w"].reshape(-1), tasks["a"]["w"].reshape(-1)
+        assert torch.signbit(_slerp_flat(b, v, 0.5, _cosine(b, v))[:8]).all()
+        assert not torch.signbit(expected["w"][0, :8]).any()
+    assert_same_bits(fused, expected)
+    pd.testing.assert_frame_equal(fused.report, report)
+
+
+def test_fuse_from_files_releases_readers_same_bits(tiny_base, tiny_tasks, regions3, tmp_path, monkeypatch):
+    """From safetensors files, with the readers closed after every tensor: the same bits, every reader closed."""
+    import cpift.fusion as fusion
+    from cpift.checkpoint import SafetensorsCheckpoint
+    from cpift.models import save_weights
+
+    base_dir = save_weights(tiny_base, tmp_path / "base")
+    task_dirs = {t: save_weights(s, tmp_path / t) for t, s in tiny_tasks.items()}
+    closes = []
+    real_close = SafetensorsCheckpoint.close
+    monkeypatch.setattr(SafetensorsCheckpoint, "close", lambda self: (closes.append(self.label), real_close(self)))
+    monkeypatch.setattr(fusion, "_RELEASE_BYTES", 0)
+    fused = fuse(base_dir, task_dirs, regions3, 0.5, "max_delta")
+    n_tensors = len(fused)
+    assert closes.count("base") >= n_tensors and all(closes.count(f"task {t!r}") >= n_tensors for t in tiny_tasks)
+    expected, report = previous_fuse(base_dir, task_dirs, regions3, 0.5, "max_delta")
+    assert_same_bits(fused, expected)  # in the files' order
+    pd.testing.assert_frame_equal(fused.report, report)
+    in_memory = fuse(tiny_base, tiny_tasks, regions3, 0.5, "max_delta")
+    assert_same_bits({n: fused[n] for n in in_memory}, in_memory)
+
+
+@pytest.mark.parametrize("case", ["tiny", "signed_zeros", "hand_bf16"])
+def test_fuse_out_writes_the_file_save_weights_writes(case, tiny_base, tiny_tasks, regions3, tmp_path):
+    from cpift.models import save_weights
+
+    if case == "tiny":
+        base, tasks, regions = tiny_base, tiny_tasks, regions3
+    elif case == "signed_zeros":
+        base, tasks = signed_zero_case()
+        regions = core_regions(base, tasks, p=20)
+    else:  # a bf16 tensor and an int64 one: safetensors orders its data by dtype, then name
+        base, tasks = hand_models(torch.bfloat16)
+        regions = core_regions(base, tasks, p=42)
+    in_memory = fuse(base, tasks, regions, 0.5)
+    save_weights(in_memory, tmp_path / "saved")
+    (tmp_path / "streamed").mkdir()
+    (tmp_path / "streamed" / "stale.txt").write_text("replaced, as save_weights replaces")
+    streamed = fuse(base, tasks, regions, 0.5, out=tmp_path / "streamed")
+    assert len(streamed) == 0  # not kept by default when written
+    pd.testing.assert_frame_equal(streamed.report, in_memory.report)
+    assert sorted(p.name for p in (tmp_path / "streamed").iterdir()) == ["model.safetensors"]
+    streamed_file, saved_file = (tmp_path / d / "model.safetensors" for d in ("streamed", "saved"))
+    assert streamed_file.read_bytes() == saved_file.read_bytes()
+    both = fuse(base, tasks, regions, 0.5, out=tmp_path / "both", keep_tensors=True)
+    assert_same_bits(both, in_memory)
+    neither = fuse(base, tasks, regions, 0.5, keep_tensors=False)
+    assert len(neither) == 0
+    pd.testing.assert_frame_equal(neither.report, in_memory.report)
+
+
+def test_fuse_out_failure_publishes_nothing(tiny_base, tiny_tasks, regions3, tmp_path):
+    broken = {t: dict(s) for t, s in tiny_tasks.items()}
+    broken["code"]["model.norm.weight"] = broken["code"]["model.norm.weight"][:-1]
+    with pytest.raises(MismatchError):
+        fuse(tiny_base, broken, regions3, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
