@@ -9,14 +9,14 @@ What is timed is what the server does when a slider moves, inside the page's ``s
 computing the new values, building the figures with :mod:`cpift.plots`, and what
 ``st.plotly_chart`` does with each figure (``plotly.tools.return_figure_from_figure_or_data`` with
 validation, then ``plotly.io.to_json``). What the pages cache (node positions, dendrogram data,
-the per-layer Jaccard table, the |Δ| histograms) is computed once beforehand, as in the app.
+the per-layer overlap table, the |Δ| histograms) is computed once beforehand, as in the app.
 Streamlit's own messaging and the browser's drawing are not included.
 
 - τ (Grouping page, 12 tasks): grouping, graph, stage plan and dendrogram at a new τ. Naive:
   the layout recomputed at every τ, one plotly trace per edge, ``add_hline`` for the dendrogram's
   lines, the dendrogram data recomputed.
-- layer (Overlap page): the heatmap of another layer from the cached per-layer table. Naive: the
-  per-layer Jaccard recomputed at every move.
+- layer (Overlap page): the heatmap of another layer from the cached per-layer table (Jaccard beside
+  chance). Naive: the per-layer table recomputed at every move.
 - p (Core regions page, 134.5M parameters in SmolLM2-135M's shapes, random weights and sparse task
   updates made by ``analysis/bench_core.py``'s helpers, 4 tasks): the regions at the new p through
   ``CoreRegions.with_p`` from the run directory's compact regions (top-q |Δ| kept, as the pipeline
@@ -174,10 +174,10 @@ def bench_model(n_tasks: int, repeat: int) -> list[tuple]:
         rows.append((f"p → {p} ({n_tasks} tasks): with_p on the run's compact regions + sizes + figures",
                      fast, slow, 1000))
         rows.append((f"p → {p}: the same from every |Δ| held (regions computed in the session)", dense, slow, 1000))
-    table = compact.layer_jaccard("layer")
+    table = compact.overlap_significance("layer")
     layers = list(dict.fromkeys(table["group"]))
     fast = best(lambda: [serve(group_jaccard_heatmap(table, g)) for g in layers[:5]], repeat) / 5
-    slow = best(lambda: [serve(group_jaccard_heatmap(compact.layer_jaccard("layer"), g)) for g in layers[:2]],
+    slow = best(lambda: [serve(group_jaccard_heatmap(compact.overlap_significance("layer"), g)) for g in layers[:2]],
                 repeat) / 2
     rows.append((f"layer change ({n_tasks} tasks, {len(layers)} layers): heatmap from the cached table",
                  fast, slow, 200))

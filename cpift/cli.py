@@ -158,10 +158,32 @@ def cmd_compare(args: argparse.Namespace) -> None:
         _print_comparison(args.runs)
 
 
+def cmd_findings(args: argparse.Namespace) -> None:
+    from .findings import findings, findings_table, to_markdown
+
+    found = findings(args.run)
+    if args.figures:
+        from .atomic import atomic_write_bytes
+        from .findings import findings_figures
+        from .report import figure_file
+
+        out = Path(args.figures)
+        out.mkdir(parents=True, exist_ok=True)
+        for stem, fig in findings_figures(args.run).items():
+            name, data, _ = figure_file(fig, stem)
+            atomic_write_bytes(out / name, data)
+            print(f"wrote {out / name}", file=sys.stderr)
+    if args.format == "markdown":
+        print(to_markdown(found), end="")
+    else:
+        table = findings_table(found)
+        print(table.to_json(orient="records", indent=1) if args.format == "json" else table.to_csv(index=False), end="")
+
+
 def cmd_pack(args: argparse.Namespace) -> None:
     from .pipeline import pack_run
 
-    out = pack_run(args.run, args.out)
+    out = pack_run(args.run, args.out, max_p=args.max_p, seed_regions=not args.primary_regions_only)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"{args.run} packed into {out} ({size / 2**20:.1f} MiB, without weights)")
 
@@ -193,8 +215,8 @@ def _cli_message(exc: CpiftError) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``cpift`` command."""
-    from .config import METHODS
+    """The argument parser of the ``cpift`` command. It imports nothing heavy (the method registry
+    pulls in torch), so ``--help`` answers at once; the config checks a method's name."""
     parser = argparse.ArgumentParser(prog="cpift", description="Parameter-isolation fine-tuning for LLMs.")
     parser.add_argument("--version", action="version", version=f"cpift {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -259,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("train", cmd_train, "run one method of a config")
     config_args(sub)
-    sub.add_argument("--method", required=True, choices=METHODS, metavar="METHOD",
-                     help="one of the registered methods: " + ", ".join(METHODS))
+    sub.add_argument("--method", required=True, metavar="METHOD",
+                     help="a registered method, as named in a config's run.methods (an unknown name lists them)")
     sub.add_argument("--out", required=True)
     sub.add_argument("--resume", action="store_true")
 
@@ -269,17 +291,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--model", help="saved weights (directory or .safetensors); default: the config's base")
 
     sub = command("compare", cmd_compare, "methods × tasks table of one or more run directories, every "
-                  "score with its 95 % interval, with retention and forgetting (mean forget ratio, collapse rate)")
+                  "score with its 95 %% interval, with retention and forgetting (mean forget ratio, collapse rate)")
     sub.add_argument("runs", nargs="+")
     sub.add_argument("--vs", metavar="METHOD", help="each model's paired difference to METHOD's model (e.g. "
                      "multitask, base) per task and on the normalised average: interval and p-value")
     sub.add_argument("--format", choices=("table", "json", "csv"), default="table",
                      help="json or csv: the numbers, one record per row, for other tools")
 
+    sub = command("findings", cmd_findings, "the study's findings from a run: each claim of the papers, the run's "
+                  "measurement with its 95 %% interval and n, and a verdict (README's Findings table)")
+    sub.add_argument("run")
+    sub.add_argument("--format", choices=("markdown", "json", "csv"), default="markdown")
+    sub.add_argument("--figures", metavar="DIR", help="also write the figures that matter most (τ sweep, "
+                     "forgetting study, overlap beside chance) to DIR, as PNG where a browser can render them")
+
     sub = command("pack", cmd_pack, "copy a run directory without model weights and training checkpoints "
                   "(to share it, or ship it in sample_runs/)")
     sub.add_argument("run")
     sub.add_argument("--out", required=True)
+    sub.add_argument("--max-p", type=float, metavar="Q", help="keep the |Δ| magnitudes only down to the top Q %% "
+                     "(the app's p slider then reaches Q): smaller")
+    sub.add_argument("--primary-regions-only", action="store_true", help="leave out the further seeds' core "
+                     "regions, keeping their test–retest overlap with the primary seed's (reliability.json)")
 
     sub = command("demo", cmd_demo, "tour the core library on the embedded SmolLM2-135M model")
     sub.add_argument("--p", type=float, default=1.0, help="core-region size in percent (default 1)")

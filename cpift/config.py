@@ -218,10 +218,12 @@ class EvalConfig(Section):
     """``[eval]``: scoring the models — new tokens per answer, batch size, whether to measure
     general-ability retention, on how many prose chunks, and on which out-of-distribution tasks
     (never trained on: e.g. BIG-bench tasks, ``data.n_eval`` items each), as the GaLLoP paper
-    measures forgetting."""
+    measures forgetting; ``probes = false`` leaves CPI-FT's probe models unscored (a study that
+    compares methods needs only their cores)."""
 
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
+    probes: bool = True
     retention: bool = True
     n_retention_chunks: int = Field(16, ge=1)
     retention_tasks: task_names(min_length=0) = ()

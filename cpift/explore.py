@@ -39,7 +39,8 @@ from .fusion import fuse
 from .launch import launcher_alive
 from .pipeline import load_base
 from .regions import CoreRegions, core_regions
-from .runs import FUSION_REPORT, LAUNCH_LOG, REGIONS, SIMILARITY, RunDir, probe_dir
+from .probes import reliability
+from .runs import FUSION_REPORT, LAUNCH_LOG, REGIONS, RELIABILITY, SEEDS, SIMILARITY, RunDir, probe_dir
 
 
 def run_regions(run: RunDir) -> CoreRegions:
@@ -54,6 +55,21 @@ def run_regions(run: RunDir) -> CoreRegions:
         raise FormatError(f"{run.path} holds no core regions ({REGIONS}/ is missing): the run has not "
                           "reached the cpift regions step")
     return CoreRegions.load(path)
+
+
+def run_reliability(run: RunDir) -> pd.DataFrame | None:
+    """How reproducible the run's cores are, or ``None`` if it cannot say: the repeated probes'
+    ``reliability.json`` (``probe.repeats``), else each further seed's cores against the primary
+    seed's (each seed probes with its own data order; column ``seed`` for ``repeat``)."""
+    if run.exists(RELIABILITY):
+        return pd.DataFrame(run.read_json(RELIABILITY))
+    primary = run.path / REGIONS / "manifest.json"
+    others = {int(path.parent.parent.name.removeprefix("seed-")): path.parent
+              for path in sorted((run.path / SEEDS).glob(f"seed-*/{REGIONS}/manifest.json"))}
+    if not primary.is_file() or not others:
+        return None
+    return reliability(CoreRegions.load(primary.parent), {seed: CoreRegions.load(path) for seed, path in others.items()},
+                       by="seed")
 
 
 def run_similarity(run: RunDir) -> pd.DataFrame:

@@ -25,11 +25,11 @@ from .data import get_task, retention_task, retention_text
 from .data.tasks import Task
 from .evaluate import EvalCache, evaluate_model
 from .methods import METHODS, Context
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_write_text
 from .models import WEIGHTS_FILE, load_model, tiny_llama, tiny_tokenizer
 from .errors import CpiftError
 from .regions import CoreRegions
-from .runs import CHECKPOINTS, EVAL_CACHE, LOCK, REGIONS, SEEDS, RunDir, RunLockedError
+from .runs import CHECKPOINTS, EVAL_CACHE, LOCK, REGIONS, RELIABILITY, SEEDS, RunDir, RunLockedError
 from .scores import write_metrics
 from .runs import METHODS as METHODS_DIR
 from .settings import TrainConfig
@@ -160,7 +160,8 @@ def run_config(
     return run
 
 
-def pack_run(source: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def pack_run(source: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = False,
+             max_p: float | None = None, seed_regions: bool = True) -> Path:
     """Copy the run ``source`` to ``out`` with only what the app and the report read.
 
     Left out: model weights, training checkpoints, and the training-time selection masks of the
@@ -170,6 +171,11 @@ def pack_run(source: str | os.PathLike[str], out: str | os.PathLike[str], *, ove
     (``sample_runs/``). Core regions are re-saved in their compact form (deflated masks and top-p
     float16 magnitudes). Pages that need weights say so. A run in use by another process is
     refused; ``out`` appears complete or not at all.
+
+    To fit a size (``sample_runs/``): ``max_p`` keeps the |Δ| magnitudes only down to the top
+    ``max_p`` % (the app's p slider then reaches ``max_p``); ``seed_regions=False`` leaves out the
+    further seeds' core regions, keeping their test–retest overlap with the primary seed's
+    (``reliability.json``, :func:`cpift.explore.run_reliability`) — what the pages show of them.
     """
     run = RunDir.open(source)
     if run.locked_by() is not None:
@@ -182,6 +188,10 @@ def pack_run(source: str | os.PathLike[str], out: str | os.PathLike[str], *, ove
         return not parts or not (path.name.startswith(".") or path.name in (WEIGHTS_FILE, LOCK) or parts[0] in
                                  (CHECKPOINTS, REGIONS) or (parts[0] == METHODS_DIR and path.name.startswith("masks")))
 
+    from .explore import run_reliability  # explore reads runs through this module: imported here
+
+    retest = None if seed_regions or run.exists(RELIABILITY) else run_reliability(run)
+
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         for dirpath, dirnames, filenames in os.walk(run.path):
             here = Path(dirpath)
@@ -191,10 +201,12 @@ def pack_run(source: str | os.PathLike[str], out: str | os.PathLike[str], *, ove
                     target = tmp / here.relative_to(run.path) / name
                     target.parent.mkdir(parents=True, exist_ok=True)  # only directories that keep a file
                     shutil.copy2(here / name, target)
-        for root in [run.path, *sorted((run.path / SEEDS).glob("seed-*"))]:
+        for root in [run.path, *(sorted((run.path / SEEDS).glob("seed-*")) if seed_regions else [])]:
             if (root / REGIONS / "manifest.json").is_file():
                 regions = CoreRegions.load(root / REGIONS)
-                keep = min(regions.max_p, regions.p) if regions.max_p else False
+                keep = min(regions.max_p, regions.p, max_p or regions.p) if regions.max_p else False
                 regions.save(tmp / root.relative_to(run.path) / REGIONS, magnitudes=keep, compress=True,
                              overwrite=True)
+        if retest is not None:
+            atomic_write_text(tmp / RELIABILITY, json.dumps(retest.to_dict(orient="records")))
     return Path(out)

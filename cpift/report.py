@@ -31,7 +31,7 @@ from ._version import __version__
 from .atomic import atomic_write_text
 from .config import parse_config
 from .errors import CpiftError, FormatError, ParameterError
-from .explore import run_fusion_report, run_progress, run_regions, run_similarity
+from .explore import run_fusion_report, run_progress, run_regions, run_reliability, run_similarity
 from .grouping import dendrogram_data, groupings_by_tau
 from .overlap import layer_of
 from .plots import (
@@ -145,8 +145,12 @@ def _exploration_figures(run: RunDir, figures: Figures) -> None:
     regions = run_regions(run)
     _attempt(figures, "Core size per layer", lambda: core_sizes_figure(regions.sizes("layer")))
     similarity = run_similarity(run)
-    figures["Jaccard overlap"] = jaccard_heatmap(similarity)
-    _attempt(figures, "Jaccard per layer", lambda: pairs_heatmap(regions.layer_jaccard("layer")))
+    significance = regions.overlap_significance()
+    retest = run_reliability(run)
+    figures["Overlap beside chance"] = jaccard_heatmap(significance, "lift", retest=retest)
+    figures["Jaccard overlap"] = jaccard_heatmap(significance, retest=retest)
+    _attempt(figures, "Lift over chance per layer", lambda: pairs_heatmap(regions.overlap_significance("layer"), "layer",
+                                                                          "lift"))
     groups = run.read_json(GROUPS, default=None)
     if groups is not None:
         tau = float(groups["tau"])
@@ -154,7 +158,8 @@ def _exploration_figures(run: RunDir, figures: Figures) -> None:
                                                                           groups["groups"])
         figures["Stage plan"] = stage_plan_figure(groups["stages"], groups["groups"])
         figures["Dendrogram"] = dendrogram_figure(dendrogram_data(similarity, "single"),
-                                                  groupings_by_tau(similarity), tau)
+                                                  groupings_by_tau(similarity), tau,
+                                                  float(significance.expected_jaccard.mean()))
     report = run_fusion_report(run)
     if report is None:
         figures["Fusion"] = "the run has no fusion report"
@@ -214,6 +219,22 @@ def _paired_html(run: RunDir) -> str:
             "a sign-flip permutation test; bootstrap for the normalised average).</p>")
 
 
+def _findings_html(run: RunDir) -> str:
+    """The papers' claims measured on the run (:func:`cpift.findings.findings`) and its τ sweep."""
+    from .findings import findings, findings_table, tau_sweep
+    from .plots import tau_sweep_figure
+
+    try:
+        table = findings_table(findings(run))
+    except FormatError:
+        return ""
+    sweep = tau_sweep(run)
+    return ("<h3>Findings: the papers' claims at this run's scale</h3>"
+            + table.drop(columns="rule").to_html(classes="data", index=False, border=0)
+            + '<p class="note">' + "<br>".join(f"{i}. {html.escape(rule)}." for i, rule in enumerate(table.rule, 1))
+            + "</p>" + ("" if sweep.empty else _figures_html({"τ sweep": tau_sweep_figure(sweep)})))
+
+
 def _run_html(run: RunDir, metrics: Mapping | None) -> str:
     manifest = run.manifest
     status = f"status {manifest['status']}" + (f" — {manifest['error']}" if manifest.get("error") else "")
@@ -226,6 +247,7 @@ def _run_html(run: RunDir, metrics: Mapping | None) -> str:
         parts.append(_table_html(table.set_index(table.columns[0])))
     parts.append(_figures_html({"Sequential study": figure}))
     parts.append(_paired_html(run))
+    parts.append(_findings_html(run))
     parts.append("<h3>Training and exploration</h3>")
     parts.append(_figures_html(run_figures(run.path)))
     try:

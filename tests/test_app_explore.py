@@ -101,13 +101,14 @@ def test_regions_page_p_slider_changes_core_sizes(run_path, saved):
 
 def test_overlap_page_layer_switch_and_p(run_path, saved):
     at = open_page("overlap", run_path, layer="0")
-    whole = figure(at, "Jaccard overlap of the cores").data[0].z
-    assert np.allclose(whole, saved.jaccard().to_numpy())
+    whole = np.array(figure(at, "Jaccard overlap of the cores").data[0].z, dtype=float)
+    off = ~np.eye(len(whole), dtype=bool)
+    assert np.allclose(whole[off], saved.jaccard().to_numpy()[off])
     layer0 = figure(at, "Jaccard overlap in layer 0").data[0]
     table = saved.layer_jaccard("layer")
     row = table[(table.group == "0") & (table.task_a == "math") & (table.task_b == "code")].iloc[0]
     assert layer0.z[0][1] == pytest.approx(row.jaccard)
-    assert list(layer0.customdata[0][1]) == [row.intersection, row.union]  # hover counts
+    assert list(layer0.customdata[0][1][-2:]) == [row.intersection, row.union]  # hover counts
 
     at.select_slider(key="w_layer").set_value("1").run()
     layer1 = figure(at, "Jaccard overlap in layer 1").data[0]
@@ -121,8 +122,16 @@ def test_overlap_page_layer_switch_and_p(run_path, saved):
     assert "self_attn.q_proj" in modules and "mlp.down_proj" in modules
 
     at.slider(key="w_p").set_value(2.5).run()
-    assert np.allclose(figure(at, "Jaccard overlap of the cores").data[0].z,
-                       saved.with_p(2.5).jaccard().to_numpy())
+    assert np.allclose(np.array(figure(at, "Jaccard overlap of the cores").data[0].z, dtype=float)[off],
+                       saved.with_p(2.5).jaccard().to_numpy()[off])
+
+    at.radio(key="w_overlap_value").set_value("lift").run()
+    lift = figure(at, "Lift of the overlap over chance of the cores").data[0]
+    assert lift.zmid == 1.0
+    expected = saved.with_p(2.5).overlap_significance()
+    assert lift.z[0][1] == pytest.approx(expected.lift.iloc[0])
+    at.radio(key="w_overlap_scale").set_value("fixed").run()
+    assert figure(at, "Lift of the overlap over chance of the cores").data[0].zmax == 2.0
 
 
 def test_overlap_page_shows_each_pair_beside_chance(run_path, saved):
@@ -161,7 +170,11 @@ def test_grouping_page_tau_changes_graph_groups_and_plan(run_path, saved):
     plan = figure(at, "Stage plan")
     assert len(plan.data[0].cells.values[0]) == len(saved.tasks)
     dendrogram = figure(at, "Single-linkage dendrogram")
-    assert dendrogram.layout.shapes[-1].y0 == pytest.approx(round(high, 3))
+    tau_line, chance_line = dendrogram.layout.shapes[-2:]
+    assert tau_line.y0 == pytest.approx(round(high, 3))
+    chance = saved.overlap_significance().expected_jaccard.mean()
+    assert chance_line.y0 == pytest.approx(chance) and chance_line.line.dash == "dash"
+    assert any(f"chance level {chance:.4f}" in c.value for c in at.caption)
     assert at.query_params["tau"] == str(round(high, 3))
 
     at.selectbox(key="w_stage_order").set_value("given").run()

@@ -158,12 +158,24 @@ def test_kill_mid_stage_then_resume_matches_uninterrupted(tiny_run: RunDir, tmp_
     assert RunDir.open(out).status == "done"
 
 
-@pytest.mark.parametrize("command", ["run", "probe", "regions", "group", "fuse", "train", "eval", "compare", "demo"])
+@pytest.mark.parametrize("command", ["", "run", "probe", "regions", "group", "fuse", "train", "eval", "compare", "demo"])
 def test_every_command_has_help(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
+        main([command, "--help"] if command else ["--help"])
     assert exit_info.value.code == 0
-    assert "usage: cpift " + command in capsys.readouterr().out
+    assert f"usage: cpift {command}".strip() in capsys.readouterr().out
+
+
+def test_help_answers_without_importing_torch() -> None:
+    code = "import sys; from cpift.cli import build_parser; build_parser(); print(sorted({'torch', 'transformers', " \
+           "'pandas', 'scipy'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_an_unknown_method_is_one_clear_error(capsys) -> None:
+    assert main(["train", str(TINY), "--method", "nope", "--out", "unused"]) == 2
+    assert "'nope' is not one of cpift, multitask" in capsys.readouterr().err
 
 
 def test_single_steps_from_the_cli(tiny_run: RunDir, tmp_path: Path, capsys) -> None:

@@ -66,40 +66,68 @@ def test_magnitude_histogram_marks_thresholds_on_a_log_axis(regions):
         assert f"{int(counts[0]):,}" in line.name  # the zero bin, which a log axis cannot draw
 
 
-def test_jaccard_heatmap_uses_the_fixed_unit_scale(regions):
+def test_jaccard_heatmap_shows_jaccard_or_lift_beside_chance(regions):
+    significance = regions.overlap_significance()
     jaccard = regions.jaccard()
-    fig = jaccard_heatmap(jaccard)
-    heat = fig.data[0]
-    assert (heat.zmin, heat.zmax) == (0.0, 1.0)
-    assert np.allclose(np.array(heat.z, dtype=float), jaccard.to_numpy())
+    heat = jaccard_heatmap(significance).data[0]
+    z = np.array(heat.z, dtype=float)
     assert list(heat.x) == regions.tasks
+    assert np.isnan(np.diag(z)).all()  # no retest: a task against itself is not shown as 1
+    off = ~np.eye(len(z), dtype=bool)
+    assert np.allclose(z[off], jaccard.to_numpy()[off])
+    assert heat.zmin == 0.0 and heat.zmax == pytest.approx(z[off].max())  # fitted to the data
+    assert jaccard_heatmap(significance, scale="fixed").data[0].zmax == 1.0
+    assert "chance" in heat.hovertemplate and "p = " in heat.hovertemplate
+    fields = np.array(heat.customdata, dtype=float)
+    first = significance.iloc[0]
+    i, j = regions.tasks.index(first.task_a), regions.tasks.index(first.task_b)
+    assert list(fields[j, i, :4]) == pytest.approx([first.jaccard, first.expected_jaccard, first.lift, first.p_value])
+    lift = jaccard_heatmap(significance, "lift").data[0]
+    assert lift.zmid == 1.0 and np.allclose(np.array(lift.z, dtype=float)[off][0], significance.lift.iloc[0])
 
 
-def test_group_heatmap_shows_one_layer_with_counts(regions):
-    table = regions.layer_jaccard("layer")
+def test_jaccard_heatmap_diagonal_is_the_retest_overlap(regions):
+    retest = pd.DataFrame({"task": regions.tasks, "repeat": 2, "jaccard": [0.3, 0.2, 0.1],
+                           "expected": 0.005, "lift": [60.0, 40.0, 20.0]})
+    fig = jaccard_heatmap(regions.overlap_significance(), retest=retest)
+    assert list(np.diag(np.array(fig.data[0].z, dtype=float))) == [0.3, 0.2, 0.1]
+    assert "test–retest" in fig.layout.title.text
+    lift = jaccard_heatmap(regions.overlap_significance(), "lift", retest=retest)
+    assert list(np.diag(np.array(lift.data[0].z, dtype=float))) == [60.0, 40.0, 20.0]
+
+
+def test_group_heatmap_shows_one_layer_with_counts_and_chance(regions):
+    table = regions.overlap_significance("layer")
     fig = group_jaccard_heatmap(table, "1")
     heat = fig.data[0]
     z = np.array(heat.z, dtype=float)
     assert np.isnan(np.diag(z)).all() and np.allclose(z, z.T, equal_nan=True)
-    counts = np.array(heat.customdata)
+    fields = np.array(heat.customdata, dtype=float)
     index = {t: i for i, t in enumerate(regions.tasks)}
     for row in table[table.group == "1"].itertuples():
         i, j = index[row.task_a], index[row.task_b]
         assert z[i, j] == pytest.approx(row.jaccard)
-        assert list(counts[j, i]) == [row.intersection, row.union]
+        assert list(fields[j, i, 1:]) == pytest.approx(
+            [row.expected_jaccard, row.lift, row.p_value, row.intersection, row.size_a + row.size_b - row.intersection],
+            nan_ok=True)
     other = np.array(group_jaccard_heatmap(table, "0").data[0].z, dtype=float)
     assert not np.allclose(other, z, equal_nan=True)  # another layer, other numbers
 
 
 def test_pairs_heatmap_is_groups_by_pairs(regions):
-    table = regions.layer_jaccard("module")
+    table = regions.overlap_significance("module")
     heat = pairs_heatmap(table, "module").data[0]
     groups = list(dict.fromkeys(table.group))
     assert list(heat.x) == groups and len(heat.y) == 3  # three task pairs
     z = np.array(heat.z, dtype=float)
     first = table[(table.task_a == "math") & (table.task_b == "code")]
     assert np.allclose(z[list(heat.y).index("math × code")], first.set_index("group").loc[groups, "jaccard"])
-    assert (heat.zmin, heat.zmax) == (0.0, 1.0)
+    assert (heat.zmin, heat.zmax) == (0.0, pytest.approx(np.nanmax(z)))
+    assert pairs_heatmap(table, "module", scale="fixed").data[0].zmax == 1.0
+    lift = pairs_heatmap(table, "module", "lift", "fixed").data[0]
+    assert (lift.zmin, lift.zmid, lift.zmax) == (0.0, 1.0, 2.0)
+    with pytest.raises(ValueError, match="value must be one of"):
+        pairs_heatmap(table, "module", "overlap")
 
 
 def _nodes(fig) -> dict[str, tuple[float, float, str]]:
@@ -163,6 +191,9 @@ def test_dendrogram_marks_every_breakpoint_and_tau():
     merges = [y for y in fig.data[0].y if y is not None]
     assert set(np.round(breakpoints, 12)) <= set(np.round(merges, 12))  # single linkage merges at the breakpoints
     assert list(fig.layout.xaxis.ticktext) == dendrogram_data(similarity, "single")["ivl"]
+    with_chance = dendrogram_figure(dendrogram_data(similarity, "single"), groupings, tau=0.2, chance=0.005)
+    assert [s.y0 for s in with_chance.layout.shapes][-1] == 0.005
+    assert any("chance ≈ 0.0050" in a.text for a in with_chance.layout.annotations)
 
 
 def test_transplant_shares_figure_stacks_the_report(regions):

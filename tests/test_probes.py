@@ -53,6 +53,13 @@ def test_a_run_reports_reliability_and_stability(tmp_path: Path) -> None:
     assert curves["math"]["step"] == [1, 2, 3] and curves["math"]["jaccard_to_final"][-1] == 1.0
     assert json.loads((run.path / "similarity.json").read_text())["tasks"] == ["math", "code", "logic", "format"]
 
+    from test_app_explore import figure
+    from test_app_runs import open_page
+
+    heat = figure(open_page("overlap", run.path), "Jaccard overlap of the cores").data[0]
+    retest = {r["task"]: r["jaccard"] for r in records}
+    assert list(np.diag(np.array(heat.z, dtype=float))) == pytest.approx([retest[t] for t in heat.x])
+
 
 def test_planted_overlap_is_significant_and_independent_cores_are_not() -> None:
     from cpift.masks import Layout
@@ -88,3 +95,13 @@ def test_regions_page_draws_the_stability_curves(tmp_path: Path) -> None:
     stability_chart = next(f for f in figures if "stability" in f.layout.title.text)
     assert {t.name for t in stability_chart.data} == {"math", "code"}
     assert list(stability_chart.data[0].y)[-1] == 1.0
+    said = " ".join(str(e.value) for e in [*at.warning, *at.caption])
+    assert "halfway point" in said
+
+
+def test_halfway_says_whether_a_core_had_settled() -> None:
+    from cpift.probes import halfway
+
+    assert halfway({"step": [2, 4, 6, 8, 10], "jaccard_to_final": [0.1, 0.3, 0.85, 0.9, 1.0]}) == (4, 0.3, False)
+    assert halfway({"step": [10, 20, 30, 40], "jaccard_to_final": [0.5, 0.82, 0.9, 1.0]}) == (20, 0.82, True)
+    assert halfway({"step": [3], "jaccard_to_final": [1.0]}) == (3, 1.0, True)  # one snapshot: nothing to compare

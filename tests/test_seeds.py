@@ -103,6 +103,20 @@ def test_pack_keeps_items_and_every_seed_without_weights(seeded_run: RunDir, tmp
     assert compare([packed]).drop(columns="run").equals(compare([seeded_run.path]).drop(columns="run"))
 
 
+def test_a_smaller_pack_keeps_the_primary_cores_and_the_seeds_retest(seeded_run: RunDir, tmp_path: Path) -> None:
+    from cpift.explore import run_reliability
+    from cpift.regions import CoreRegions
+
+    full = run_reliability(seeded_run)
+    assert list(full.columns) == ["task", "seed", "jaccard", "expected", "lift"] and set(full.seed) == {1}
+    assert main(["pack", str(seeded_run.path), "--out", str(tmp_path / "small"), "--max-p", "0.5",
+                 "--primary-regions-only"]) == 0
+    small = RunDir.open(tmp_path / "small")
+    assert not (small.path / seed_dir(1) / "regions").exists()
+    assert CoreRegions.load(small.path / "regions").max_p == 0.5
+    assert run_reliability(small).equals(full)  # kept as reliability.json
+
+
 def test_compare_page_draws_error_bars_and_a_paired_table(seeded_run: RunDir) -> None:
     from test_app_runs import chart, open_page, texts
 

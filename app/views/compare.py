@@ -6,13 +6,17 @@ import re
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 from common import errors_shown, list_runs, pick_run, resolve_path
 
 from cpift.errors import FormatError
-from cpift.scores import compare, formatted, paired_comparisons, read_items
+from cpift.findings import findings, findings_table, tau_sweep
+from cpift.plots import tau_sweep_figure
 from cpift.plots.compare import merge_metrics
+from cpift.runs import ITEMS
+from cpift.scores import compare, formatted, paired_comparisons, read_items
 from cpift.report import chromium_path, comparison_figures, export_report, figure_file, load_metrics, sequential_view
 from cpift.runs import RunDir
 
@@ -68,6 +72,7 @@ def show(paths: list[Path]) -> None:
     for run in runs:
         if run.path in scored:
             paired_table(run)
+            claims(run)
     for i, (title, fig) in enumerate(comparison_figures(merge_metrics(metrics)).items()):
         chart(fig, title, f"cmp{i}")
     for run in runs:
@@ -96,6 +101,25 @@ def paired_table(run: RunDir) -> None:
                "interval and p-value (exact McNemar for one seed of binary scores, else a sign-flip permutation "
                "test; bootstrap for the normalised average); `excludes_zero`: the difference is distinguishable "
                "from no difference.")
+
+
+@st.cache_data(show_spinner="Measuring the papers' claims…")
+def _claims(path: str, stamp: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The run's findings and τ sweep, computed again only when its per-item results change."""
+    return findings_table(findings(path)), tau_sweep(RunDir.open(path))
+
+
+def claims(run: RunDir) -> None:
+    """The papers' claims measured on the run: verdicts with intervals, and the τ sweep."""
+    if not run.exists(ITEMS):
+        return
+    table, sweep = _claims(str(run.path), run.path_for(ITEMS).stat().st_mtime_ns)
+    st.markdown(f"#### Findings — {run.path.name}")
+    st.dataframe(table.drop(columns="rule"), hide_index=True, key=f"findings_{run.path.name}")
+    st.caption("Each claim of the papers at this run's scale; the verdict is never stronger than the 95 % interval "
+               "allows (rules: " + " ".join(f"{i}. {r}." for i, r in enumerate(table.rule, 1)) + ")")
+    if not sweep.empty:
+        chart(tau_sweep_figure(sweep), f"tau sweep {run.path.name}", f"tau_{run.path.name}")
 
 
 def report(paths: list[Path]) -> None:

@@ -5,28 +5,31 @@ from __future__ import annotations
 import streamlit as st
 from common import Source, errors_shown, linked_select, memo, p_slider, page_source
 
+from cpift.explore import run_reliability
 from cpift.overlap import GROUP_BY, significant_pairs
-from cpift.runs import RELIABILITY
 from cpift.plots import group_jaccard_heatmap, jaccard_heatmap, pairs_heatmap
 
 st.title("Overlap")
-st.caption("Jaccard |A ∩ B| / |A ∪ B| of two tasks' cores; every heatmap uses the fixed scale 0–1. "
-           "Hover a cell for the intersection and union counts.")
+st.caption("Jaccard |A ∩ B| / |A ∪ B| of two tasks' cores, or its lift over chance: the Jaccard divided by what "
+           "two random cores of the same sizes would share. Hover a cell for the chance level, the p-value and "
+           "the intersection and union counts.")
+
+VALUE_LABELS = {"jaccard": "Jaccard", "lift": "Lift over chance"}
+SCALE_LABELS = {"data": "fitted to the data", "fixed": "fixed (Jaccard 0–1, lift 0–2)"}
 
 
 @st.fragment
 @errors_shown()  # a fragment reruns alone, outside the page's own errors_shown
-def one_group(table, by: str) -> None:
+def one_group(table, by: str, value: str, scale: str) -> None:
     """The layer (or module) slider and its heatmap: redrawn alone when the slider moves."""
     groups = list(dict.fromkeys(table["group"].astype(str)))
     group = linked_select(f"{by.capitalize()}", "layer", groups, widget="select_slider")
-    st.plotly_chart(group_jaccard_heatmap(table, group, by), key="group_heatmap")
+    st.plotly_chart(group_jaccard_heatmap(table, group, by, value, scale), key="group_heatmap")
 
 
-def chance(src: Source, regions, p: float) -> None:
+def chance(src: Source, table, retest, p: float) -> None:
     """Each pair's overlap beside what random cores of the same sizes would share, and each task's
     test–retest overlap where the run probed its tasks more than once."""
-    table = memo(src, "significance", p, regions.overlap_significance)
     st.markdown("#### Against chance")
     st.dataframe(table[["task_a", "task_b", "jaccard", "expected_jaccard", "lift", "p_value"]].style.format(
         {"jaccard": "{:.4f}", "expected_jaccard": "{:.4f}", "lift": "{:.2f}", "p_value": "{:.2g}"}),
@@ -38,12 +41,17 @@ def chance(src: Source, regions, p: float) -> None:
     else:
         st.caption(f"expected_jaccard: two random sets of the cores' sizes (≈ {chance_level:.4f}); lift = observed / "
                    "expected; p_value: an intersection at least this large by chance (hypergeometric).")
-    if src.run is not None and src.run.exists(RELIABILITY):
-        st.markdown("#### Test–retest: each task probed again with another data order")
-        retest = src.run.read_json(RELIABILITY)
+    if retest is not None:
+        st.markdown("#### Test–retest: each task probed again with another data order"
+                    + (" (the run's other seeds)" if "seed" in retest.columns else ""))
         st.dataframe(retest, key="reliability")
-        st.caption("A task's core against the core of its repeated probe (the run's p): two tasks cannot share "
-                   "more than a task shares with itself, so read the cross-task Jaccards against these.")
+        st.caption("A task's core against the core of its repeated probe (the run's p), shown on the heatmap's "
+                   "diagonal: two tasks cannot share more than a task shares with itself, so read the cross-task "
+                   "Jaccards against these.")
+    elif src.run is not None:
+        st.caption("This run probed each task once, so the diagonal is blank: set probe.repeats = 2 (or run.seeds "
+                   "with two seeds or more) to measure how reproducible each core is; the retest is shown at the "
+                   "run's own p only.")
 
 
 def page(src: Source) -> None:
@@ -52,13 +60,20 @@ def page(src: Source) -> None:
     if len(regions.tasks) < 2:
         st.info("Overlap needs at least two tasks.")
         return
-    st.plotly_chart(jaccard_heatmap(memo(src, "jaccard", p, regions.jaccard),
-                                    title=f"Jaccard overlap of the cores at p = {p:g} %"), key="jaccard")
-    chance(src, regions, p)
+    left, right = st.columns(2)
+    value = left.radio("Show", list(VALUE_LABELS), format_func=VALUE_LABELS.get, horizontal=True, key="w_overlap_value")
+    scale = right.radio("Colour scale", list(SCALE_LABELS), format_func=SCALE_LABELS.get, horizontal=True,
+                        key="w_overlap_scale")
+    significance = memo(src, "significance", p, regions.overlap_significance)
+    # The retests were cored at the run's p: their diagonal only means something there.
+    retest = memo(src, "reliability", src.saved.p, lambda: run_reliability(src.run)) \
+        if src.run is not None and p == src.saved.p else None
+    st.plotly_chart(jaccard_heatmap(significance, value, scale, retest, p), key="jaccard")
+    chance(src, significance, retest, p)
     by = st.radio("Group by", GROUP_BY[:2], horizontal=True, key="w_overlap_by")
-    table = memo(src, f"layer_jaccard:{by}", p, lambda: regions.layer_jaccard(by))
-    one_group(table, by)
-    st.plotly_chart(pairs_heatmap(table, by), key="pairs_heatmap")
+    table = memo(src, f"significance:{by}", p, lambda: regions.overlap_significance(by))
+    one_group(table, by, value, scale)
+    st.plotly_chart(pairs_heatmap(table, by, value, scale), key="pairs_heatmap")
 
 
 src = page_source()

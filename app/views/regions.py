@@ -10,6 +10,7 @@ from cpift.errors import ParameterError
 from cpift.overlap import GROUP_BY
 from cpift.plots import core_sizes_figure, magnitude_histogram_figure, stability_figure
 from cpift.regions import core_regions
+from cpift.probes import SETTLED_JACCARD, halfway
 from cpift.runs import STABILITY
 
 st.title("Core regions")
@@ -77,7 +78,18 @@ def stability(src: Source) -> None:
         st.info("This run kept no snapshots of its probes' cores (probe.snapshot_every = 0): whether its cores had "
                 "stopped moving is unknown; short probes give cores that are largely arbitrary.")
         return
-    st.plotly_chart(stability_figure(src.run.read_json(STABILITY)), key="stability")
+    curves = src.run.read_json(STABILITY)
+    st.plotly_chart(stability_figure(curves), key="stability")
+    verdicts = {task: halfway(curve) for task, curve in curves.items()}
+    moving = [f"{task} ({jaccard:.2f} at step {step})" for task, (step, jaccard, settled) in verdicts.items()
+              if not settled]
+    if moving:
+        st.warning(f"Not yet stable: the core at the probe's halfway point shares less than {SETTLED_JACCARD} "
+                   f"(Jaccard) with the final core for {', '.join(moving)}. A longer probe would give other cores; "
+                   "read the overlaps as provisional.")
+    else:
+        st.caption(f"Every task's core at the probe's halfway point already shares ≥ {SETTLED_JACCARD} with its "
+                   "final core.")
 
 checkpoints_form()
 source = page_source()

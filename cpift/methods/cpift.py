@@ -12,6 +12,11 @@
 4. Consolidation from the fused model: the groups train in stage order on a balanced sample of
    their tasks' data (``samples_per_task`` each), every core of the earlier groups frozen exactly.
 
+A τ sweep (``tau_sweep``) consolidates once more for every further τ whose grouping differs from
+τ's and from the other sweep values' (τ values that group the tasks alike would train the same
+model): model ``cpift@tau=<τ>`` in ``methods/cpift/tau-<τ>/final``, from the same probes and
+fusion; ``groups.json`` lists, for every τ of the sweep, its groups and the model that trains them.
+
 The probes are extra training the baselines do not get; the consolidation uses the same
 optimizer-step budget as every other method.
 """
@@ -29,9 +34,10 @@ from ..grouping import STAGE_ORDERS, group_tasks, groupings_by_tau, stage_order
 from ..masks import unpack_all
 from ..regions import CoreRegions, core_regions
 from ..probes import CoreSnapshots, reliability
-from ..runs import FUSION, FUSION_REPORT, GROUPS, REGIONS, RELIABILITY, SIMILARITY, STABILITY, method_final_dir
+from ..runs import FUSION, FUSION_REPORT, GROUPS, REGIONS, RELIABILITY, SIMILARITY, STABILITY, method_file
+from ..runs import method_final_dir
 from ..runs import probe_dir, retest_regions_dir
-from ..settings import ConfigError, Float, Section, choice
+from ..settings import ConfigError, Float, Section, choice, numbers
 from .common import Context, split_evenly
 from .registry import Method, Plan, register
 
@@ -42,7 +48,8 @@ class CpiftSettings(Section):
     """``[cpift]``: core size ``p`` (percent of all parameters), grouping threshold ``tau`` on the
     Jaccard overlap, stage ``order`` of the groups, SLERP factor ``omega``, the ``overlap`` rule for
     an element in several cores, how several task models are SLERP-ed (``fold``), the fusion's
-    base, and the consolidation sample per task (default ``data.n_train``).
+    base, the consolidation sample per task (default ``data.n_train``) and a ``tau_sweep`` of
+    further τ values (module docstring).
 
     ``fusion_base``: the paper fuses into "the model of the last fine-tuning stage", which is
     ambiguous (no stage has run when fusion happens in its own pipeline figure). The default
@@ -59,6 +66,7 @@ class CpiftSettings(Section):
     fold: Annotated[str, choice(tuple(FOLDS))] = "mean"
     fusion_base: Annotated[str, choice(FUSION_BASES)] = "pretrained"
     samples_per_task: int | None = Field(None, ge=1)
+    tau_sweep: numbers(min_length=0, ge=0, le=1) = ()
 
     def resolve(self, config: Any) -> CpiftSettings:
         n_train = config.data.n_train
@@ -116,6 +124,26 @@ def probes(ctx: Context) -> dict[str, torch.nn.Module]:
     return tuned
 
 
+def tau_label(tau: float) -> str:
+    """The model label of the consolidation at a sweep's ``tau``: ``cpift@tau=0.05``."""
+    return f"cpift@tau={tau:g}"
+
+
+def sweep(tau: float, taus: tuple[float, ...], similarity) -> list[dict]:
+    """For ``tau`` and every sweep value: its groups and the label of the model that trains them —
+    ``"cpift"`` for τ's own grouping, else the first sweep value with that grouping."""
+    rows, trained = [], {_key(group_tasks(similarity, tau)): "cpift"}
+    for value in taus:
+        groups = group_tasks(similarity, value)
+        model = trained.setdefault(_key(groups), tau_label(value))
+        rows.append({"tau": value, "groups": groups, "model": model})
+    return rows
+
+
+def _key(groups: list[list[str]]) -> tuple:
+    return tuple(sorted(tuple(sorted(g)) for g in groups))
+
+
 def regions_of(ctx: Context, tuned: dict[str, torch.nn.Module]) -> CoreRegions:
     """The probes' core regions at p, saved once under ``regions/``."""
     path = ctx.run.path_for(REGIONS)
@@ -136,18 +164,21 @@ def frozen_union(regions: CoreRegions, tasks: list[str]) -> dict[str, torch.Tens
 
 
 def run(ctx: Context) -> dict[str, torch.nn.Module]:
-    """Probe, regions, groups, fusion and staged consolidation; returns the probes and the final model."""
+    """Probe, regions, groups, fusion and staged consolidation; returns the final model, the τ
+    sweep's and (unless ``eval.probes`` is off) the probes."""
     settings = ctx.config.cpift
     tuned = probes(ctx)
     regions = regions_of(ctx, tuned)  # saved by probes(): loaded here
     similarity = regions.jaccard()
     groups = group_tasks(similarity, settings.tau)
     stages = stage_order(groups, settings.order, similarity, seed=ctx.config.run.seed)
+    swept = sweep(settings.tau, settings.tau_sweep, similarity)
     ctx.run.write_json(SIMILARITY, {"tasks": list(similarity.index), "jaccard": similarity.to_numpy().tolist()})
     ctx.run.write_json(GROUPS, {
         "tau": settings.tau, "order": settings.order, "groups": groups, "stages": stages,
         "groupings_by_tau": [{"tau_min": g.tau_min, "tau_max": g.tau_max, "groups": [list(x) for x in g.groups]}
                              for g in groupings_by_tau(similarity)],
+        "sweep": swept,
     })
 
     def fused_model() -> torch.nn.Module:
@@ -159,21 +190,31 @@ def run(ctx: Context) -> dict[str, torch.nn.Module]:
         state.report.to_csv(ctx.run.path_for(FUSION_REPORT), index=False)
         return model
 
-    def consolidated() -> torch.nn.Module:
+    def consolidated(stages: list[list[str]], stage_prefix: str) -> torch.nn.Module:
         model = ctx.cached_model(FUSION, fused_model)
         done: list[str] = []
         for i, (group, steps) in enumerate(zip(stages, split_evenly(ctx.steps, len(stages)))):
             frozen = frozen_union(regions, done) if done else None
             examples = ctx.examples(group, per_task=settings.samples_per_task, seed=ctx.config.run.seed + i)
-            ctx.train_stage(model, examples, f"cpift/stage{i + 1}", steps, frozen=frozen)
+            ctx.train_stage(model, examples, f"{stage_prefix}/stage{i + 1}", steps, frozen=frozen)
             done.extend(group)
         return model
 
-    final = ctx.cached_model(method_final_dir("cpift"), consolidated)
-    return {**{f"probe:{task}": model for task, model in tuned.items()}, "cpift": final}
+    models = {"cpift": ctx.cached_model(method_final_dir("cpift"), lambda: consolidated(stages, "cpift"))}
+    for row in swept:
+        label = row["model"]
+        if label not in models:
+            tau_stages = stage_order(row["groups"], settings.order, similarity, seed=ctx.config.run.seed)
+            where = f"tau-{row['tau']:g}"
+            models[label] = ctx.cached_model(method_file("cpift", f"{where}/final"),
+                                             lambda s=tau_stages, w=where: consolidated(s, f"cpift/{w}"))
+    scored = {f"probe:{task}": model for task, model in tuned.items()} if ctx.config.eval.probes else {}
+    return {**scored, **models}
 
 
 register(Method(
     "cpift", run, "probes per task → core regions at p → Jaccard groups at τ → fusion → consolidation over the "
     "groups with earlier cores frozen", "cpift", CpiftSettings,
-    plan=lambda c: Plan(len(c.data.tasks) * c.probe.steps * c.probe.repeats + c.train.steps, len(c.data.tasks) + 1)))
+    # The sweep's extra models are counted at most: which τ values group alike is known after the probes.
+    plan=lambda c: Plan(len(c.data.tasks) * c.probe.steps * c.probe.repeats + c.train.steps * (1 + len(c.cpift.tau_sweep)),
+                        len(c.data.tasks) * c.eval.probes + 1 + len(c.cpift.tau_sweep))))

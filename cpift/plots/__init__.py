@@ -9,7 +9,7 @@ colours shared by all are in :mod:`cpift.plots.style`. A new figure adds its nam
 from .compare import pareto_figure, retention_figure, scores_figure, seesaw_figure, sequential_figure
 from .drift import drift_figure
 from .fusion import angle_distribution_figure, transplant_shares_figure
-from .grouping import dendrogram_figure, node_positions, similarity_graph_figure, stage_plan_figure
+from .grouping import dendrogram_figure, node_positions, similarity_graph_figure, stage_plan_figure, tau_sweep_figure
 from .overlap import group_jaccard_heatmap, jaccard_heatmap, pairs_heatmap
 from .regions import core_sizes_figure, magnitude_histogram_figure, stability_figure
 from .training import loss_figure
@@ -33,5 +33,6 @@ __all__ = [
     "stability_figure",
     "similarity_graph_figure",
     "stage_plan_figure",
+    "tau_sweep_figure",
     "transplant_shares_figure",
 ]

@@ -123,18 +123,22 @@ def stage_plan_figure(stages: Sequence[Sequence[str]], groups: Sequence[Sequence
     return fig
 
 
-def dendrogram_figure(dendrogram: Mapping[str, list], groupings: Sequence[Grouping], tau: float | None = None) -> go.Figure:
+def dendrogram_figure(dendrogram: Mapping[str, list], groupings: Sequence[Grouping], tau: float | None = None,
+                      chance: float | None = None) -> go.Figure:
     """The single-linkage dendrogram in similarity units, with the τ values where the grouping changes.
 
     Cutting it at height τ gives :func:`cpift.group_tasks`'s groups. Merges are drawn at their
     similarity; leaves sit a little above the highest merge (not at similarity 1) so that small
     similarities stay readable. Dotted lines mark every breakpoint of :func:`cpift.groupings_by_tau`
-    and a solid line the current τ.
+    and a solid line the current τ; a dashed line the chance level, below which a merge is what
+    random cores of the same sizes would give.
 
     Args:
         dendrogram: :func:`cpift.dendrogram_data` of the similarity, ``method="single"``.
         groupings: :func:`cpift.groupings_by_tau` of the same similarity.
         tau: the current τ, if any.
+        chance: the expected Jaccard of random cores of the cores' sizes
+            (:func:`cpift.overlap.expected_jaccard`), if known.
     """
     merges = [s for line in dendrogram["scoord"] for s in line[1:3]]
     top = min(1.0, 1.25 * max(merges, default=1.0))
@@ -156,16 +160,36 @@ def dendrogram_figure(dendrogram: Mapping[str, list], groupings: Sequence[Groupi
         shapes.append(_hline(tau, {"color": "crimson", "width": 2}))
         notes.append({"x": 0.0, "xref": "paper", "xanchor": "left", "yanchor": "bottom", "y": tau, "showarrow": False,
                       "font": {"color": "crimson"}, "text": f"τ = {tau:.3f}"})
+    if chance is not None:
+        shapes.append(_hline(chance, {"dash": "dash", "color": "grey", "width": 2}))
+        notes.append({"x": 0.5, "xref": "paper", "xanchor": "center", "yanchor": "top", "y": chance, "showarrow": False,
+                      "font": {"color": "grey"}, "text": f"chance ≈ {chance:.4f}"})
     fig = go.Figure(go.Scatter(x=xs, y=ys, mode="lines", line={"color": "#444", "width": 2}, text=merge_text,
                                hovertemplate="%{text}<extra></extra>"), layout={"shapes": shapes, "annotations": notes})
     leaves = [5.0 + 10.0 * i for i in range(len(dendrogram["ivl"]))]
     fig.update_layout(title="Single-linkage dendrogram (cut at τ gives the groups)",
                       yaxis_title="Jaccard similarity (τ)", showlegend=False)
     fig.update_xaxes(tickvals=leaves, ticktext=dendrogram["ivl"], range=[0, 10.0 * len(leaves)])
-    fig.update_yaxes(range=[0, max(top, tau or 0.0) * 1.05])
+    fig.update_yaxes(range=[0, max(top, tau or 0.0, chance or 0.0) * 1.05])
     return fig
 
 
 def _hline(y: float, line: dict) -> dict:
     """A horizontal line across the plot at height ``y`` (a layout shape: cheaper than ``add_hline``)."""
     return {"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": y, "y1": y, "line": line}
+
+
+def tau_sweep_figure(sweep: pd.DataFrame) -> go.Figure:
+    """Each τ's CPI-FT against τ = 0's (one group): the paired difference in normalised average
+    (0–10) with its 95 % interval, from :func:`cpift.findings.tau_sweep`. Points above the dashed
+    zero line are groupings that beat training every task in one stage."""
+    groups = ["/".join(map(str, sorted(set(g)))) for g in sweep["groups"]]
+    fig = go.Figure(go.Scatter(
+        x=sweep["tau"], y=sweep["difference"], mode="markers+lines", text=groups,
+        error_y={"type": "data", "symmetric": False, "array": list(sweep["high"] - sweep["difference"]),
+                 "arrayminus": list(sweep["difference"] - sweep["low"])},
+        hovertemplate="τ = %{x:g} (%{text} groups)<br>difference %{y:+.3f}<extra></extra>"))
+    fig.add_hline(y=0, line_dash="dash", line_color=NEUTRAL)
+    fig.update_layout(title="τ sweep: normalised average − τ = 0's (one group), 95 % paired interval",
+                      xaxis_title="τ", yaxis_title="difference (0–10)", showlegend=False)
+    return fig
