@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .config import Config, ConfigError, config_changes, cpu_threads, load_config
+from .config import Config, ConfigError, config_changes, cpu_threads, load_config, parse_config
 from .data import get_task, retention_task, retention_text
 from .data.tasks import Task
 from .evaluate import EvalCache, evaluate_model
@@ -96,6 +96,16 @@ class ConfigChangedError(CpiftError):
         super().__init__(f"{self.problem}; {self.remedy}")
 
 
+def _as_read_now(stored: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored config as this cpift reads it: settings added since the run was made take
+    their defaults, which keep what the run did (a stored config this version cannot read is
+    compared as stored)."""
+    try:
+        return parse_config(stored).to_dict()
+    except ConfigError:
+        return stored
+
+
 def open_run(out: str | Path, config: Config, *, resume: bool = False, add_methods: bool = False) -> RunDir:
     """A new run directory ``out`` for ``config``, or with ``resume`` the existing one.
 
@@ -109,7 +119,7 @@ def open_run(out: str | Path, config: Config, *, resume: bool = False, add_metho
     run = RunDir.open(out)
     if (holder := run.locked_by()) is not None:  # the first thing to know about a run in use
         raise RunLockedError(run.path, holder)
-    changes = config_changes(run.config, config.to_dict())
+    changes = config_changes(_as_read_now(run.config), config.to_dict())
     if not changes:
         return run
     old_methods = run.config.get("run", {}).get("methods", [])

@@ -43,10 +43,10 @@ from .atomic import atomic_dir
 from .checkpoint import Checkpoint, ModelLike, aligned_names, all_finite, open_checkpoint
 from .errors import CheckpointError, FormatError, ParameterError
 from .manifest import manifest_header, read_manifest
-from .masks import (Layout, from_positions, load_packed, popcount, positions, save_packed, tensor_counts, unpack,
+from .masks import (WORD_BITS, Layout, from_positions, load_packed, popcount, positions, save_packed, tensor_counts, unpack,
                     unpack_all)
 from .overlap import group_jaccard, group_sizes, jaccard_matrix, overlap_significance
-from .selection import check_scope, k_for_percent, top_k, top_percent
+from .selection import check_scope, k_for_percent, top_k, top_k_streamed, top_percent
 
 FORMAT = "cpift.core_regions"
 FORMAT_VERSION = 2
@@ -453,6 +453,27 @@ def _select_top(kept: TopMagnitudes, layout: Layout, p: float, scope: str) -> tu
     return from_positions(np.concatenate(chosen), layout.n_words), np.array(thresholds)
 
 
+def _open_all(base: ModelLike, tuned: Mapping[str, ModelLike], include: Sequence[str] | None,
+              exclude: Sequence[str] | None, allow_pickle: bool) -> tuple[Checkpoint, dict[str, Checkpoint], Layout]:
+    """The base's and the tasks' checkpoints, opened lazily, and the layout of the tensors analysed."""
+    if not tuned:
+        raise ParameterError("core regions need at least one task model")
+    base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle, label="base")
+    task_ckpts = {t: open_checkpoint(m, allow_pickle=allow_pickle, label=f"task {t!r}") for t, m in tuned.items()}
+    names = aligned_names(base_ckpt, task_ckpts, select_names(base_ckpt, include, exclude))
+    return base_ckpt, task_ckpts, Layout(tuple(names), tuple(base_ckpt.shape(n) for n in names))
+
+
+def _delta_into(out: np.ndarray, base_tensor: torch.Tensor, task_ckpt: Checkpoint, name: str, task: str) -> None:
+    """|θ_task − θ_base| of one tensor into ``out`` (float32, the tensor's elements); NaN or Inf
+    raise :class:`CheckpointError` naming the model and the tensor."""
+    view = torch.from_numpy(out).view(base_tensor.shape)
+    torch.sub(task_ckpt.get(name).float(), base_tensor, out=view).abs_()
+    if not all_finite(view):
+        culprit = "base" if not all_finite(base_tensor) else f"task {task!r}"
+        raise CheckpointError(f"{culprit}: tensor {name!r} holds NaN or Inf")
+
+
 def update_magnitudes(
     base: ModelLike,
     tuned: Mapping[str, ModelLike],
@@ -468,27 +489,42 @@ def update_magnitudes(
     never selected. Raises :class:`MismatchError` when a task's tensors differ from the base's
     and :class:`CheckpointError` naming the model and tensor on NaN or Inf.
     """
-    if not tuned:
-        raise ParameterError("core regions need at least one task model")
-    base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle, label="base")
-    task_ckpts = {t: open_checkpoint(m, allow_pickle=allow_pickle, label=f"task {t!r}") for t, m in tuned.items()}
-    names = aligned_names(base_ckpt, task_ckpts, select_names(base_ckpt, include, exclude))
-    layout = Layout(tuple(names), tuple(base_ckpt.shape(n) for n in names))
+    base_ckpt, task_ckpts, layout = _open_all(base, tuned, include, exclude, allow_pickle)
     magnitudes = {t: np.empty(layout.padded_size, dtype=np.float32) for t in task_ckpts}
     for flat in magnitudes.values():
         for pad in layout.padding_spans():
             flat[pad] = -np.inf
-    for name in tqdm(names, desc="|Δθ|", unit="tensor", disable=None if progress is None else not progress):
+    for name in tqdm(layout.names, desc="|Δθ|", unit="tensor", disable=None if progress is None else not progress):
         base_tensor = base_ckpt.get(name).float()
         for task, ckpt in task_ckpts.items():
-            out = torch.from_numpy(magnitudes[task][layout.span(name)]).view(base_tensor.shape)
-            torch.sub(ckpt.get(name).float(), base_tensor, out=out).abs_()
-            if not all_finite(out):
-                culprit = "base" if not all_finite(base_tensor) else f"task {task!r}"
-                raise CheckpointError(f"{culprit}: tensor {name!r} holds NaN or Inf")
+            _delta_into(magnitudes[task][layout.span(name)], base_tensor, ckpt, name, task)
     for ckpt in (base_ckpt, *task_ckpts.values()):
         ckpt.close()
     return layout, magnitudes
+
+
+def _streamed_core(base_ckpt: Checkpoint, task_ckpt: Checkpoint, task: str, layout: Layout, p: float,
+                   scope: str, progress: bool | None) -> tuple[np.ndarray, np.ndarray]:
+    """One task's core without holding its |Δ| vector: tensor by tensor, read again for each pass
+    of :func:`~cpift.selection.top_k_streamed` (global scope) or once (per-tensor scope)."""
+    def chunks():
+        for i, name in enumerate(tqdm(layout.names, desc=f"|Δθ| {task}", unit="tensor",
+                                      disable=None if progress is None else not progress)):
+            start = int(layout.starts[i])
+            out = np.full(int(layout.starts[i + 1]) - start, -np.inf, dtype=np.float32)
+            _delta_into(out[: int(layout.numels[i])], base_ckpt.get(name).float(), task_ckpt, name, task)
+            yield start, out
+
+    if scope == "global":
+        selection = top_k_streamed(chunks, layout.padded_size, k_for_percent(p, layout.numel))
+        return selection.words, np.array([selection.threshold])
+    words = np.empty(layout.n_words, dtype=np.uint64)
+    thresholds = np.empty(len(layout.names))
+    for i, (start, scores) in enumerate(chunks()):
+        selection = top_k(scores, k_for_percent(p, int(layout.numels[i])))
+        words[start // WORD_BITS : start // WORD_BITS + selection.words.size] = selection.words
+        thresholds[i] = selection.threshold
+    return words, thresholds
 
 
 def core_regions(
@@ -513,8 +549,11 @@ def core_regions(
         include, exclude: shell-style patterns on tensor names that select the tensors analysed.
         allow_pickle: accept ``.bin`` / ``.pt`` checkpoints (loaded with ``weights_only=True``).
         keep_magnitudes: keep every task's |Δ| vector (4 bytes per parameter and task) so that
-            :meth:`CoreRegions.with_p` can answer. With False, tasks are done one at a time and
-            peak memory is one fp32 copy of the parameters whatever the number of tasks.
+            :meth:`CoreRegions.with_p` can answer. With False, no |Δ| vector is held: each task's
+            exact top p% is found tensor by tensor in two passes over its checkpoints (three in
+            rare cases; :func:`~cpift.selection.top_k_streamed`), so memory is the packed masks
+            (an eighth of a byte per parameter and task) and a tensor at a time — what lets a
+            7B-class pair run on a machine that cannot hold either model.
         progress: show a progress bar (default: when writing to a terminal).
 
     Raises:
@@ -529,14 +568,14 @@ def core_regions(
         layout, magnitudes = update_magnitudes(base, tuned, **options)
         masks, thresholds = _select(magnitudes, layout, p, scope)
         return CoreRegions(layout, p, scope, masks, thresholds, magnitudes, include, exclude)
-    if not tuned:
-        raise ParameterError("core regions need at least one task model")
+    base_ckpt, task_ckpts, layout = _open_all(base, tuned, include, exclude, allow_pickle)
+    k_for_percent(p, layout.numel)  # validates p before any pass
     masks, thresholds = {}, {}
-    for task, model in tuned.items():
-        layout, magnitude = update_magnitudes(base, {task: model}, **options)
-        one_mask, one_threshold = _select(magnitude, layout, p, scope)
-        masks.update(one_mask)
-        thresholds.update(one_threshold)
-        del magnitude
+    try:
+        for task, ckpt in task_ckpts.items():
+            masks[task], thresholds[task] = _streamed_core(base_ckpt, ckpt, task, layout, p, scope, progress)
+    finally:
+        for ckpt in (base_ckpt, *task_ckpts.values()):
+            ckpt.close()
     return CoreRegions(layout, p, scope, masks, thresholds, None, include, exclude)
 

@@ -109,14 +109,50 @@ def test_with_p_equals_recomputing(tiny_base, tiny_tasks) -> None:
             assert moved.threshold(task) == fresh.threshold(task)
 
 
-def test_without_kept_magnitudes_same_masks(tiny_base, tiny_tasks) -> None:
-    kept = core_regions(tiny_base, tiny_tasks, p=3)
-    lean = core_regions(tiny_base, tiny_tasks, p=3, keep_magnitudes=False)
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_without_kept_magnitudes_same_masks(tiny_base, tiny_tasks, scope: str) -> None:
+    kept = core_regions(tiny_base, tiny_tasks, p=3, scope=scope)
+    lean = core_regions(tiny_base, tiny_tasks, p=3, scope=scope, keep_magnitudes=False)
     assert not lean.has_magnitudes
     for task in kept.tasks:
         assert np.array_equal(lean.packed(task), kept.packed(task))
+        tensors = kept.layout.names if scope == "tensor" else [None]
+        assert [lean.threshold(task, t) for t in tensors] == [kept.threshold(task, t) for t in tensors]
     with pytest.raises(ParameterError, match="with_p needs"):
         lean.with_p(1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 2), st.integers(0, 2**32 - 1), st.booleans())
+def test_streamed_top_k_equals_top_k(n_words: int, kind: int, seed: int, three_passes: bool) -> None:
+    from cpift.selection import top_k, top_k_streamed
+
+    rng = np.random.default_rng(seed)
+    n = 64 * n_words
+    scores = rng.exponential(size=n).astype(np.float32)
+    if kind == 1:
+        scores = np.round(scores * 4) / 4  # many ties at the threshold
+    elif kind == 2:
+        scores[rng.random(n) < 0.9] = 0  # the k-th largest often an exact zero
+    scores[rng.random(n) < 0.05] = -np.inf  # padding
+    k = int(rng.integers(0, int((scores >= 0).sum()) + 1))
+    cuts = [0, *sorted(rng.choice(np.arange(64, n, 64), size=min(4, n_words - 1), replace=False)), n]
+
+    def chunks():
+        return ((a, scores[a:b]) for a, b in zip(cuts, cuts[1:]))
+
+    expected = top_k(scores, k)
+    got = top_k_streamed(chunks, n, k, candidate_limit=0 if three_passes else 1 << 24)
+    assert np.array_equal(got.words, expected.words)
+    assert k == 0 or got.threshold == expected.threshold
+
+
+def test_streamed_top_k_refuses_chunks_out_of_order() -> None:
+    from cpift.selection import top_k_streamed
+
+    scores = np.ones(128, dtype=np.float32)
+    with pytest.raises(ParameterError, match="flat order"):
+        top_k_streamed(lambda: iter([(64, scores[64:]), (0, scores[:64])]), 128, 3)
 
 
 def test_include_exclude(tiny_base, tiny_tasks) -> None:

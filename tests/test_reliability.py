@@ -59,6 +59,17 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(finished_run: P
     assert json.loads((finished_run / "manifest.json").read_text())["config"] == config
 
 
+def test_a_run_made_before_a_setting_existed_resumes_with_its_default(tmp_path: Path, finished_run: Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["config"]["eval"]["probes"]  # as a cpift without eval.probes wrote it
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert run_config(load_config(TINY, ONE_METHOD), out, resume=True, progress=False).status == "done"
+    with pytest.raises(ConfigChangedError, match="eval.probes: true → false"):
+        run_config(load_config(TINY, [*ONE_METHOD, "eval.probes=false"]), out, resume=True, progress=False)
+
+
 def test_resume_without_the_runs_methods_is_refused(finished_run: Path, capsys) -> None:
     code, err = _cli(["run", TINY, "--out", finished_run, "--resume", *_sets(ONE_METHOD[1:])], capsys)
     assert code == 2 and "run.methods" in err and "--add-methods" in err
