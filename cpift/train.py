@@ -173,10 +173,13 @@ def _micro_batches(data: Sequence[Mapping[str, list[int]]], lengths: tuple[int, 
     """The collated micro-batches process ``rank`` of ``world`` trains on at optimizer step ``step``
     (0-based): its slices of the seeded stream, a pure function of (seed, step). ``lengths`` are
     the examples' token counts (computed once per call of :func:`train`)."""
+    # The stream is cut into global batches (every micro-batch of every process of one step), so
+    # a step trains on the same examples whatever the number of processes and accumulation steps.
+    global_batch = config.batch_size * config.grad_accum * world
     batches = []
     for micro in range(config.grad_accum):
         first = ((step * config.grad_accum + micro) * world + rank) * config.batch_size
-        indices = _stream_indices(lengths, config.seed, config.batch_size, first, config.batch_size)
+        indices = _stream_indices(lengths, config.seed, global_batch, first, config.batch_size)
         batches.append(collate([data[i] for i in indices], pad_id))
     return batches
 
@@ -185,12 +188,17 @@ def _forward_backward(accelerator: Any, model: torch.nn.Module, head: torch.nn.M
                       batches: Sequence[Mapping[str, torch.Tensor]]) -> tuple[float, int]:
     """Accumulate one optimizer step's gradient over its micro-batches.
 
-    Each micro-batch's summed loss is divided by the step's number of target tokens on this
-    process, so every assistant token weighs the same; DDP syncs gradients on the last
+    Each micro-batch's summed loss is divided by the step's number of target tokens over all
+    processes (and multiplied by their number, which DDP's gradient averaging divides out), so
+    every assistant token of the global batch weighs the same and the gradient is the one a
+    single process would compute on the whole global batch; DDP syncs gradients on the last
     micro-batch only. Returns the step's token-weighted mean loss and its non-padding tokens,
     both over all processes.
     """
-    n_targets = sum(_n_targets(b) for b in batches)
+    world = accelerator.num_processes
+    n_local = sum(_n_targets(b) for b in batches)
+    n_targets = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), reduction="sum")) \
+        if world > 1 else n_local
     loss_sum = torch.zeros((), device=accelerator.device)
     n_tokens = 0
     for micro, batch in enumerate(batches):
@@ -198,12 +206,12 @@ def _forward_backward(accelerator: Any, model: torch.nn.Module, head: torch.nn.M
         sync = micro == len(batches) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             micro_sum = _loss_sum(model, head, batch)
-            accelerator.backward(micro_sum / n_targets)
+            accelerator.backward(micro_sum / n_targets * world)
         loss_sum += micro_sum.detach()
         n_tokens += int(batch["attention_mask"].sum())
-    totals = torch.tensor([float(loss_sum), n_targets, n_tokens], dtype=torch.float32, device=accelerator.device)
+    totals = torch.tensor([float(loss_sum), n_tokens], dtype=torch.float32, device=accelerator.device)
     totals = accelerator.reduce(totals, reduction="sum")
-    return float(totals[0] / totals[1]), int(totals[2])
+    return float(totals[0] / n_targets), int(totals[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,8 +368,10 @@ def train(
     """Fine-tune ``model`` in place on the assistant replies of ``examples``.
 
     See the module docstring for the data order, loss, optimizer, devices and checkpoints. The
-    same code runs on several GPUs under ``accelerate launch`` (data-parallel; only the main
-    process calls ``on_event``, shows progress and publishes checkpoints) — untested here.
+    same code runs data-parallel on several processes (``torchrun``/``accelerate launch``: only the
+    main process calls ``on_event``, shows progress and publishes checkpoints); a step trains on
+    the same global batch with the same gradient as one process would, frozen elements exact
+    (tested with two CPU processes over gloo, ``tests/test_distributed.py``).
 
     Args:
         model: a causal LM (``model(input_ids, attention_mask).logits``); trained in place, left
