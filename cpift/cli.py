@@ -52,8 +52,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     seeds = [f"run.seeds=[{args.seeds}]", f"run.seed={args.seeds.split(',')[0]}"] if args.seeds else []
     run = run_config(load_config(args.config, [*args.set, *seeds]), args.out,
                      resume=args.resume or args.add_methods, add_methods=args.add_methods)
-    print(f"run finished: {run.path}")
-    _print_comparison([run.path])
+    if run.writes:  # the main process of a data-parallel run (cpift.processes) reports once
+        print(f"run finished: {run.path}")
+        _print_comparison([run.path])
 
 
 def cmd_probe(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ artifacts are reused and an interrupted training stage continues from its last c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,7 +24,8 @@ import torch
 from .config import Config, ConfigError, config_changes, cpu_threads, load_config, parse_config
 from .data import get_task, retention_task, retention_text
 from .data.tasks import Task
-from .evaluate import EvalCache, evaluate_model
+from . import processes
+from .evaluate import EvalCache, Evaluation, evaluate_model
 from .methods import METHODS, Context
 from .atomic import atomic_dir, atomic_write_text
 from .models import WEIGHTS_FILE, load_model, tiny_llama, tiny_tokenizer
@@ -33,6 +35,7 @@ from .runs import CHECKPOINTS, EVAL_CACHE, LOCK, REGIONS, RELIABILITY, SEEDS, Ru
 from .scores import write_metrics
 from .runs import METHODS as METHODS_DIR
 from .settings import TrainConfig
+from .train import resolve_device
 
 
 def _task_at(key: str, spec: str | dict[str, Any], **counts: int) -> Task:
@@ -140,20 +143,31 @@ def run_config(
     config = config if isinstance(config, Config) else load_config(config)
     tasks = build_tasks(config)
     retention = retention_suite(config)
-    run = open_run(out, config, resume=resume, add_methods=add_methods)
-    with run.lock(), run.running():
+    processes.start(cpu=resolve_device(config.run.device) == "cpu")
+    main = processes.is_main()
+    run = open_run(out, config, resume=resume, add_methods=add_methods) if main else None
+    processes.barrier()  # the run directory exists before the followers open it
+    run = run if main else RunDir.open(out).follower()
+    with run.lock() if main else contextlib.nullcontext(), run.running() if main else contextlib.nullcontext():
         torch.set_num_threads(threads := cpu_threads(config.run.threads))
-        run.log_event(event="threads", threads=threads)
+        run.log_event(event="threads", threads=threads, processes=processes.world_size())
         model, tokenizer = load_base(config)
         cache = EvalCache(run.path_for(EVAL_CACHE))
         options = {"max_new_tokens": config.eval.max_new_tokens, "batch_size": config.eval.batch_size,
                    "cache": cache, "progress": progress, **retention}
         primary = config.run.seed
         sequential = (config.sequential.first, config.sequential.second) if "sequential" in config.run.methods else None
-        run.set_stage("eval/base")
-        evaluations = [evaluate_model(model, tokenizer, "base", list(tasks.values()), seed=primary, **options)]
-        base = evaluations[0].scores
-        base_scores = dict(zip(base.task, base.score))
+        evaluations: list[Evaluation] = []
+
+        def score(trained: torch.nn.Module, label: str, seed: int, view: RunDir) -> None:
+            # The main process scores; the others wait for it at the next step that needs them all.
+            if main:
+                view.set_stage(f"eval/{label}")
+                evaluations.append(evaluate_model(trained, tokenizer, label, list(tasks.values()), seed=seed, **options))
+
+        score(model, "base", primary, run)
+        base = evaluations[0].scores if main else None
+        base_scores = processes.from_main(dict(zip(base.task, base.score)) if main else None)
         for seed in config.run.all_seeds:
             seed_run = run.for_seed(seed, primary=seed == primary)
             seed_config = config.for_seed(seed)
@@ -161,12 +175,12 @@ def run_config(
                           resume, progress)
             for method in config.run.methods:
                 for label, trained in METHODS[method].run(ctx).items():
-                    seed_run.set_stage(f"eval/{label}")
-                    evaluations.append(evaluate_model(trained, tokenizer, label, list(tasks.values()), seed=seed,
-                                                      **options))
-                write_metrics(run, pd.concat([e.scores for e in evaluations], ignore_index=True),
-                              pd.concat([e.items for e in evaluations], ignore_index=True), sequential)
+                    score(trained, label, seed, seed_run)
+                if main:
+                    write_metrics(run, pd.concat([e.scores for e in evaluations], ignore_index=True),
+                                  pd.concat([e.items for e in evaluations], ignore_index=True), sequential)
                 seed_run.log_event(event="method_done", method=method)
+        processes.barrier()
     return run
 
 

@@ -324,6 +324,7 @@ class RunDir:
         self.path = Path(path).expanduser().absolute()
         self.seed: int | None = None
         self.artifacts = self.path  # where relative artifact paths resolve (see for_seed)
+        self.writes = True  # False in a follower process of a data-parallel run (see follower)
         self._lock_fd: int | None = None
         self._lock_depth = 0
 
@@ -333,8 +334,16 @@ class RunDir:
         for the ``primary`` seed — and every event it logs carries ``seed``. The manifest, the
         lock, the events and :attr:`path` stay the run's."""
         view = RunDir(self.path)
-        view.seed = seed
+        view.seed, view.writes = seed, self.writes
         view.artifacts = self.path if primary else self.path / seed_dir(seed)
+        return view
+
+    def follower(self) -> RunDir:
+        """The run as a follower process of a data-parallel run sees it (:mod:`cpift.processes`):
+        it reads everything, and its manifest, events and JSON writes do nothing — the main
+        process writes them. Code that writes artifacts itself checks :attr:`writes`."""
+        view = RunDir(self.path)
+        view.seed, view.artifacts, view.writes = self.seed, self.artifacts, False
         return view
 
     def __repr__(self) -> str:
@@ -441,6 +450,8 @@ class RunDir:
 
     def _update_manifest(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         manifest = self.manifest
+        if not self.writes:
+            return manifest
         manifest.update(changes)
         manifest["updated"] = _now_iso()
         atomic_write_text(self.path / MANIFEST, _dumps(manifest))
@@ -610,6 +621,8 @@ class RunDir:
             The event as written.
         """
         record = {"time": round(time.time(), 3), **({"seed": self.seed} if self.seed is not None else {}), **fields}
+        if not self.writes:
+            return record
         line = (json.dumps(record, default=_json_default, ensure_ascii=False) + "\n").encode("utf-8")
         fd = os.open(self.path / EVENTS, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -675,8 +688,8 @@ class RunDir:
 
     def write_json(self, relpath: str | os.PathLike[str], obj: Any) -> Path:
         """Write ``obj`` as JSON to ``relpath`` atomically (numpy values, paths and objects with
-        ``to_dict()`` are converted). Returns the path."""
-        return atomic_write_text(self.path_for(relpath), _dumps(obj))
+        ``to_dict()`` are converted). Returns the path (a follower writes nothing)."""
+        return atomic_write_text(self.path_for(relpath), _dumps(obj)) if self.writes else self._resolve(relpath)
 
     _MISSING: Any = object()
 
@@ -701,8 +714,8 @@ class RunDir:
             raise FormatError(f"{path}: not valid JSON: {exc}") from exc
 
     def write_text(self, relpath: str | os.PathLike[str], text: str) -> Path:
-        """Write a text file (a CSV table, a log) atomically. Returns the path."""
-        return atomic_write_text(self.path_for(relpath), text)
+        """Write a text file (a CSV table, a log) atomically. Returns the path (a follower writes nothing)."""
+        return atomic_write_text(self.path_for(relpath), text) if self.writes else self._resolve(relpath)
 
     @contextlib.contextmanager
     def artifact_dir(self, relpath: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:

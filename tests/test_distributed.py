@@ -98,3 +98,77 @@ def test_frozen_elements_are_bit_identical_after_data_parallel_training(optimize
         assert torch.equal(trained[name][mask], base[name].detach()[mask]), name
         moved += int((trained[name][~mask] != base[name].detach()[~mask]).sum())
     assert moved > 0  # the free elements did train
+
+
+# -- the whole pipeline on two processes ---------------------------------------------------------
+
+TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
+
+
+def _pipeline_worker(rank: int, world: int, port: int, out: str, resume: bool) -> None:
+    from cpift.config import load_config
+    from cpift.pipeline import run_config
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world)})
+    torch.set_num_threads(1)
+    run_config(load_config(TINY), out, resume=resume, progress=False)
+
+
+def _pipeline(out: Path, resume: bool = False) -> None:
+    mp.start_processes(_pipeline_worker, args=(2, _free_port(), str(out), resume), nprocs=2, join=True,
+                       start_method="spawn")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp-run") / "run"
+    _pipeline(out)
+    return out
+
+
+def test_every_method_runs_on_two_processes_and_the_main_one_writes(ddp_run: Path) -> None:
+    from cpift.config import load_config
+    from cpift.runs import RunDir
+
+    run = RunDir.open(ddp_run)
+    config = load_config(TINY)
+    assert run.status == "done"
+    assert [e["method"] for e in run.events("method_done")] == list(config.run.methods)  # once, not per process
+    steps = [e for e in run.events("step") if e["stage"] == "multitask"]
+    assert [e["step"] for e in steps] == list(range(1, config.train.steps + 1))
+    assert all(e["examples_per_step"] == 2 * config.train.batch_size for e in steps)  # two processes' batches
+    assert run.events("threads")[0]["processes"] == 2
+    metrics = run.read_json("metrics.json")
+    assert {"multitask", "cpift", "lora", "dora", "epi", "gallop@5", "saft@5", "pafi@5"} <= set(metrics["scores"])
+
+
+def test_two_processes_give_one_process_on_the_same_global_batch(ddp_run: Path, tmp_path: Path) -> None:
+    from cpift.config import load_config
+    from cpift.masks import popcount
+    from cpift.pipeline import run_config
+    from cpift.regions import CoreRegions
+
+    config = load_config(TINY, ['run.methods=["multitask", "cpift", "sequential"]', "train.batch_size=4"])
+    single = run_config(config, tmp_path / "single", progress=False)
+    for model in ("methods/multitask/final", "probes/math", "sequential/multitask"):
+        mine, theirs = (load_file(str(root / model / "model.safetensors")) for root in (ddp_run, single.path))
+        for name in mine:
+            torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6, msg=f"{model}: {name}")
+    # A core is a top-k: summation-order noise (~1e-9) can swap elements tied at its threshold (AdamW's
+    # first steps move many elements by almost exactly lr), and what follows the cores then differs.
+    ours, theirs = (CoreRegions.load(root / "regions") for root in (ddp_run, single.path))
+    for task in ours.tasks:
+        swapped = popcount(ours.packed(task) ^ theirs.packed(task)) // 2
+        assert swapped <= 0.01 * popcount(ours.packed(task)), task
+        assert ours.threshold(task) == pytest.approx(theirs.threshold(task), rel=1e-5)
+
+
+def test_a_finished_run_resumes_on_two_processes_without_training_again(ddp_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ddp_run, copy)
+    steps = len([line for line in (copy / "events.jsonl").read_text().splitlines() if '"step"' in line])
+    _pipeline(copy, resume=True)
+    assert len([line for line in (copy / "events.jsonl").read_text().splitlines() if '"step"' in line]) == steps

@@ -19,6 +19,7 @@ import torch
 
 from ..data.tasks import Example, Task
 from ..models import WEIGHTS_FILE, load_weights, save_weights
+from ..processes import barrier, from_main
 from ..runs import RunDir, checkpoint_root
 from ..settings import TrainConfig
 from ..train import TrainHook, train
@@ -91,18 +92,25 @@ class Context:
               hook=hook)
         return model
 
+    def cached(self, relpath: str) -> bool:
+        """Whether an earlier run left the artifact ``relpath`` (the main process's answer in every
+        process of a data-parallel run, so that all take the same path)."""
+        return from_main(self.run.exists(relpath))
+
     def cached_model(self, relpath: str, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         """The model saved at ``relpath`` if a finished earlier run left it, else ``build()`` saved there."""
         directory = self.run.path_for(relpath)
-        if (directory / WEIGHTS_FILE).is_file():
+        if self.cached(f"{relpath}/{WEIGHTS_FILE}"):
             return load_weights(self.fresh_base(), directory)
         model = build()
-        save_weights(model, directory)
-        # The stages behind this model can no longer be resumed into: their checkpoints go.
-        if not self.config.train.keep_checkpoints:
-            for checkpoint_dir in self._stage_checkpoints:
-                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if self.run.writes:
+            save_weights(model, directory)
+            # The stages behind this model can no longer be resumed into: their checkpoints go.
+            if not self.config.train.keep_checkpoints:
+                for checkpoint_dir in self._stage_checkpoints:
+                    shutil.rmtree(checkpoint_dir, ignore_errors=True)
         self._stage_checkpoints.clear()
+        barrier()  # no process reads the model's directory before it is complete
         return model
 
 

@@ -34,6 +34,7 @@ from ..grouping import STAGE_ORDERS, group_tasks, groupings_by_tau, stage_order
 from ..masks import unpack_all
 from ..regions import CoreRegions, core_regions
 from ..probes import CoreSnapshots, reliability
+from ..processes import barrier
 from ..runs import FUSION, FUSION_REPORT, GROUPS, REGIONS, RELIABILITY, SIMILARITY, STABILITY, method_file
 from ..runs import method_final_dir
 from ..runs import probe_dir, retest_regions_dir
@@ -114,11 +115,14 @@ def probes(ctx: Context) -> dict[str, torch.nn.Module]:
     retests = []
     for repeat in range(2, ctx.config.probe.repeats + 1):
         path = ctx.run.path_for(retest_regions_dir(repeat))
-        if not (path / "manifest.json").is_file():
-            retest = core_regions(ctx.base_model, {task: probe(ctx, task, repeat) for task in ctx.tasks},
-                                  p=ctx.config.cpift.p, keep_magnitudes=False, progress=ctx.progress)
+        if ctx.cached(f"{retest_regions_dir(repeat)}/manifest.json"):
+            retests.append(CoreRegions.load(path))
+            continue
+        retest = core_regions(ctx.base_model, {task: probe(ctx, task, repeat) for task in ctx.tasks},
+                              p=ctx.config.cpift.p, keep_magnitudes=False, progress=ctx.progress)
+        if ctx.run.writes:
             retest.save(path, compress=True)
-        retests.append(CoreRegions.load(path))
+        retests.append(retest)
     if retests:
         ctx.run.write_json(RELIABILITY, reliability(regions, retests).to_dict(orient="records"))
     return tuned
@@ -147,11 +151,13 @@ def _key(groups: list[list[str]]) -> tuple:
 def regions_of(ctx: Context, tuned: dict[str, torch.nn.Module]) -> CoreRegions:
     """The probes' core regions at p, saved once under ``regions/``."""
     path = ctx.run.path_for(REGIONS)
-    if (path / "manifest.json").is_file():
+    if ctx.cached(f"{REGIONS}/manifest.json"):
         return CoreRegions.load(path)
     regions = core_regions(ctx.base_model, tuned, p=ctx.config.cpift.p, progress=ctx.progress)
-    # The top-p magnitudes (float16, deflated: ~4 MB per task at 135M) let the app move p below the run's.
-    regions.save(path, magnitudes=ctx.config.cpift.p, compress=True)
+    if ctx.run.writes:
+        # The top-p magnitudes (float16, deflated: ~4 MB per task at 135M) let the app move p below the run's.
+        regions.save(path, magnitudes=ctx.config.cpift.p, compress=True)
+    barrier()  # the next call loads them in every process
     return regions
 
 
@@ -187,7 +193,7 @@ def run(ctx: Context) -> dict[str, torch.nn.Module]:
                      progress=ctx.progress)
         model = ctx.fresh_base()
         model.load_state_dict(state, strict=False)
-        state.report.to_csv(ctx.run.path_for(FUSION_REPORT), index=False)
+        ctx.run.write_text(FUSION_REPORT, state.report.to_csv(index=False))
         return model
 
     def consolidated(stages: list[list[str]], stage_prefix: str) -> torch.nn.Module:

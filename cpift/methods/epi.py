@@ -64,8 +64,9 @@ class EpiHook(TrainHook):
         """Re-select the protected set at run-wide step ``at``; save it and the drift curve."""
         relpath = epi_mask(at)
         self.tracker.refresh(at, stage=self.stage, file=relpath.removeprefix(method_dir("epi") + "/"))
-        save_packed(self.run.path_for(relpath), {"protected": self.tracker.protected},
-                    self.tracker.layout, {"step": str(at), "p": repr(self.tracker.p)})
+        if self.run.writes:
+            save_packed(self.run.path_for(relpath), {"protected": self.tracker.protected},
+                        self.tracker.layout, {"step": str(at), "p": repr(self.tracker.p)})
         self.write_drift()
         return self.tracker.frozen()
 

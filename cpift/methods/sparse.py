@@ -40,6 +40,7 @@ from pydantic import Field
 
 from ..errors import ParameterError
 from ..masks import Layout, load_packed, popcount, save_packed, unpack_all
+from ..processes import barrier
 from ..runs import method_file
 from ..selection import SCOPES, top_percent
 from ..settings import Float, Section, choice, numbers
@@ -78,10 +79,10 @@ def selections(ctx: Context, method: str) -> tuple[Layout, dict[str, np.ndarray]
     from the same gradient estimate.
     """
     path = ctx.run.path_for(_masks_relpath(method))
-    if not path.is_file():
+    if not ctx.cached(_masks_relpath(method)):
         settings = ctx.config.sparse
         others = [m for m in ctx.config.run.methods if m in SCORE_METHODS and m != method]
-        todo = [m for m in (method, *others) if not ctx.run.exists(_masks_relpath(m))]
+        todo = [m for m in (method, *others) if not ctx.cached(_masks_relpath(m))]
         model = ctx.fresh_base()
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         grads, n = None, 0
@@ -95,8 +96,10 @@ def selections(ctx: Context, method: str) -> tuple[Layout, dict[str, np.ndarray]
             needs = m in NEEDS_GRADIENT
             layout, scores = sparse_scores(params, grads if needs else None, m)
             masks = {_density_key(d): top_percent(scores, layout, d, settings.scope)[0] for d in settings.density}
-            save_packed(ctx.run.path_for(_masks_relpath(m)), masks, layout,
-                        {"score": m, "scope": settings.scope, "gradient_examples": str(n if needs else 0)})
+            if ctx.run.writes:
+                save_packed(ctx.run.path_for(_masks_relpath(m)), masks, layout,
+                            {"score": m, "scope": settings.scope, "gradient_examples": str(n if needs else 0)})
+        barrier()  # every process reads the masks the main process saved
     layout, masks, _ = load_packed(path)
     return layout, masks
 
