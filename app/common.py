@@ -286,8 +286,9 @@ def p_slider(src: Source, where=st) -> float:
     high = min(src.p_max or 0.0, P_SLIDER_MAX)
     step = 0.01 if high <= 1 else 0.05  # cores are often saved at p ≤ 1: finer steps there
     if high < 2 * step:
-        where.caption(f"p = {src.saved.p:g} % (the regions were saved without enough |Δ| magnitudes and the run "
-                      "kept no probes, so p cannot change here)")
+        where.caption(f"p = {src.saved.p:g} % (these regions hold too few |Δ| magnitudes to move p — saved without "
+                      "them, or computed from models too large to hold them — and no probes to measure again, so p "
+                      "cannot change here)")
         remember("p", src.saved.p)
         return src.saved.p
     return linked_slider("p: core size, % of all parameters", "p", step, high, src.saved.p, step, "%.2f", where,

@@ -527,6 +527,20 @@ def _streamed_core(base_ckpt: Checkpoint, task_ckpt: Checkpoint, task: str, layo
     return words, thresholds
 
 
+def magnitudes_fit(base: ModelLike, n_tasks: int, *, allow_pickle: bool = False, share: float = 0.5) -> bool:
+    """Whether every task's |Δ| vector (4 bytes per parameter and task, what ``keep_magnitudes``
+    holds) fits in ``share`` of the memory available now; else compute cores with
+    ``keep_magnitudes=False`` (streamed, p fixed)."""
+    import psutil
+
+    ckpt = open_checkpoint(base, allow_pickle=allow_pickle, label="base")
+    try:
+        numel = sum(ckpt.numel(name) for name in ckpt.names())
+    finally:
+        ckpt.close()
+    return 4 * numel * n_tasks <= share * psutil.virtual_memory().available
+
+
 def core_regions(
     base: ModelLike,
     tuned: Mapping[str, ModelLike],

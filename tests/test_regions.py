@@ -351,3 +351,10 @@ def test_disk_and_memory_forms_agree(tmp_path, tiny_base, tiny_tasks) -> None:
     in_memory = core_regions(tiny_base, {"logic": tiny_tasks["logic"]}, p=3)
     assert np.array_equal(from_disk.packed("logic"), in_memory.packed("logic"))
     assert cpift.core_regions is core_regions
+
+
+def test_magnitudes_fit_compares_the_vectors_with_the_memory_available(tiny_base) -> None:
+    from cpift.regions import magnitudes_fit
+
+    assert magnitudes_fit(tiny_base, 4)
+    assert not magnitudes_fit(tiny_base, 4, share=1e-12)  # a model this machine could not hold |Δ| for

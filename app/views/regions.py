@@ -9,7 +9,7 @@ from common import CUSTOM, Source, errors_shown, p_slider, page_source, remember
 from cpift.errors import ParameterError
 from cpift.overlap import GROUP_BY
 from cpift.plots import core_sizes_figure, magnitude_histogram_figure, stability_figure
-from cpift.regions import core_regions
+from cpift.regions import core_regions, magnitudes_fit
 from cpift.probes import SETTLED_JACCARD, halfway
 from cpift.runs import STABILITY
 
@@ -37,8 +37,11 @@ def checkpoints_form() -> None:
                         raise ValueError(f"line {number}: expected `task = path or hub id`, got {line!r}")
                     tuned[name.strip()] = model.strip()
             with st.spinner("Reading the checkpoints…"):
-                regions = core_regions(base.strip(), tuned, p=p, progress=False)
-            st.session_state["custom_source"] = Source(f"{base} + {len(tuned)} tasks", None, regions, 100.0, False)
+                # Models too large to hold every |Δ| (a 7B pair: 27 GB) get their cores streamed, p fixed.
+                keep = magnitudes_fit(base.strip(), len(tuned))
+                regions = core_regions(base.strip(), tuned, p=p, keep_magnitudes=keep, progress=False)
+            st.session_state["custom_source"] = Source(f"{base} + {len(tuned)} tasks", None, regions,
+                                                       100.0 if keep else p, False)  # p fixed: the slider says so
             st.session_state.pop("custom_at", None)
             remember("run", CUSTOM)
             remember("p", regions.p)  # the sliders start at the p just computed
