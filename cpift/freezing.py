@@ -50,6 +50,12 @@ machinery), so give the scheduler the wrapped optimizer::
     scheduler.step()
 
 The scheduler and the wrapper share the same ``param_groups``, so learning-rate changes apply.
+
+Sharded parameters (FSDP2's ``fully_shard``: each parameter a ``DTensor`` whose process holds a
+shard): masks are still given whole, keyed by name and full shape; each process keeps the part of
+a mask that covers its own shard (the mask laid out with the parameter's placements, no
+communication) and works on its local shard only, so frozen elements stay bit-identical on every
+shard, whatever the optimizer does there.
 """
 
 from __future__ import annotations
@@ -65,6 +71,22 @@ from torch import nn
 from cpift.errors import MismatchError, ParameterError
 
 __all__ = ["MaskedOptimizer"]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded tensor (a ``DTensor``), or the tensor itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
+
+
+def _local_mask(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The part of a whole-parameter ``mask`` that covers this process's shard of ``param``."""
+    if not hasattr(param, "device_mesh"):
+        return mask
+    from torch.distributed.tensor import distribute_tensor
+
+    # src_data_rank=None: every process holds the whole mask, so each just takes its own part.
+    return distribute_tensor(mask, param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
 def _edit_flat(tensor: torch.Tensor, edit: Callable[[torch.Tensor], Any]) -> None:
@@ -113,13 +135,13 @@ class _FrozenIndex(_Entry):
         return self.index.numel()
 
     def zero_frozen_grad(self, grad: torch.Tensor) -> None:
-        _edit_flat(grad, lambda flat: flat.index_fill_(0, self.index, 0))
+        _edit_flat(_local(grad), lambda flat: flat.index_fill_(0, self.index, 0))
 
     def save(self) -> torch.Tensor:
-        return self.param.detach().reshape(-1).index_select(0, self.index)
+        return _local(self.param.detach()).reshape(-1).index_select(0, self.index)
 
     def restore(self, saved: torch.Tensor) -> None:
-        _edit_flat(self.param.detach(), lambda flat: flat.index_copy_(0, self.index, saved))
+        _edit_flat(_local(self.param.detach()), lambda flat: flat.index_copy_(0, self.index, saved))
 
 
 class _TrainableIndex(_Entry):
@@ -129,18 +151,19 @@ class _TrainableIndex(_Entry):
 
     @property
     def frozen_count(self) -> int:
-        return self.param.numel() - self.index.numel()
+        return _local(self.param).numel() - self.index.numel()
 
     def zero_frozen_grad(self, grad: torch.Tensor) -> None:
+        grad = _local(grad)
         kept = grad.reshape(-1).index_select(0, self.index)
         grad.zero_()
         _edit_flat(grad, lambda flat: flat.index_copy_(0, self.index, kept))
 
     def save(self) -> torch.Tensor:
-        return self.param.detach().clone(memory_format=torch.contiguous_format)
+        return _local(self.param.detach()).clone(memory_format=torch.contiguous_format)
 
     def restore(self, saved: torch.Tensor) -> None:
-        param = self.param.detach()
+        param = _local(self.param.detach())
         saved.view(-1).index_copy_(0, self.index, param.reshape(-1).index_select(0, self.index))
         param.copy_(saved)
 
@@ -232,7 +255,7 @@ class MaskedOptimizer:
                     f"frozen mask for parameter '{name}' has shape {tuple(mask.shape)} but the "
                     f"parameter has shape {tuple(param.shape)}"
                 )
-            flat = mask.detach().to(param.device).reshape(-1)
+            flat = _local_mask(mask.detach().to(param.device), param).reshape(-1)
             count = int(torch.count_nonzero(flat))
             if count == 0:
                 continue  # nothing frozen: costs nothing, optimizer membership irrelevant

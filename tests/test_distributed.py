@@ -172,3 +172,47 @@ def test_a_finished_run_resumes_on_two_processes_without_training_again(ddp_run:
     steps = len([line for line in (copy / "events.jsonl").read_text().splitlines() if '"step"' in line])
     _pipeline(copy, resume=True)
     assert len([line for line in (copy / "events.jsonl").read_text().splitlines() if '"step"' in line]) == steps
+
+
+# -- sharded parameters (FSDP2) ------------------------------------------------------------------
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    from cpift.freezing import MaskedOptimizer
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    model = tiny_llama(0)
+    frozen = _frozen(model)
+    frozen["model.layers.0.mlp.down_proj.weight"] = torch.ones_like(model.model.layers[0].mlp.down_proj.weight,
+                                                                      dtype=torch.bool)  # wholly frozen
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = MaskedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), model, frozen)
+    generator = torch.Generator().manual_seed(rank)
+    for _ in range(STEPS):
+        ids = torch.randint(3, 99, (2, 16), generator=generator)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    full = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+    if rank == 0:
+        save_file(full, out)
+    dist.destroy_process_group()
+
+
+def test_frozen_elements_are_bit_identical_on_every_shard_under_fsdp(tmp_path: Path) -> None:
+    out = tmp_path / "fsdp.safetensors"
+    mp.start_processes(_fsdp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method="spawn")
+    trained = load_file(str(out))
+    base = {name: p.detach() for name, p in tiny_llama(0).named_parameters()}
+    frozen = _frozen(tiny_llama(0))
+    assert torch.equal(trained["model.layers.0.mlp.down_proj.weight"], base["model.layers.0.mlp.down_proj.weight"])
+    for name, mask in frozen.items():
+        assert torch.equal(trained[name][mask], base[name][mask]), name
+        assert not torch.equal(trained[name][~mask], base[name][~mask]), name  # both shards' free elements train
