@@ -117,7 +117,8 @@ def _beats(data: _Run, claim: str, paper: str, model: str, reference: str) -> Fi
     row = data.versus(model, reference)
     rule = "95 % paired interval of the difference in normalised average (0–10) against 0"
     if row is None:
-        return Finding(claim, paper, f"{model} or {reference} was not trained in this run", "—", "not tested", rule)
+        return Finding(claim, paper, f"{model} or {reference} has no scores in this run (not among its methods, "
+                       "or not scored yet)", "—", "not tested", rule)
     measured = (f"{model} {data.average(model)} vs {reference} {data.average(reference)}; difference "
                 f"{_interval(row.difference, row.low, row.high)}, p = {row.p_value:.2g}")
     return Finding(claim, paper, measured, _n(row), _side(row.low, row.high), rule)
@@ -181,8 +182,10 @@ def tau_sweep(run: RunDir) -> pd.DataFrame:
         if groups is None:
             continue
         for row in [{"tau": groups["tau"], "groups": groups["groups"], "model": "cpift"}, *groups.get("sweep", [])]:
-            groups_at.setdefault(row["tau"], []).append(len(row["groups"]))
             mine = items[(items.seed == seed) & (items.model == row["model"])]
+            if mine.empty:  # not scored yet (a run still going)
+                continue
+            groups_at.setdefault(row["tau"], []).append(len(row["groups"]))
             relabelled.append(mine.assign(model=f"{row['tau']:g}"))
     columns = ["tau", "groups", "difference", "low", "high", "p_value", "n_items", "n_seeds"]
     if 0.0 not in groups_at or len(groups_at) < 2:
@@ -261,7 +264,9 @@ def _drift(data: _Run) -> Finding:
     rule = (f"share of the important set still important later (|A ∩ B| / k): EPI's first against its last refresh "
             f"where the run trained EPI, else each probe's core at its halfway point against its final core; holds "
             f"if below {EPI_PAPER_OVERLAP * 100:.0f} % everywhere, does not hold if above everywhere")
-    shares, parts = [], []
+    shares: list[float] = []
+    parts: list[str] = []
+    probed = 0
     for seed, view in data.seeds.items():
         drift = view.read_json(EPI_DRIFT, default=None)
         if drift and len(drift.get("refreshes", [])) > 1:
@@ -271,11 +276,13 @@ def _drift(data: _Run) -> Finding:
     if not shares:
         source = "probes"
         for view in data.seeds.values():
-            shares += [_share(halfway(curve)[1]) for curve in view.read_json(STABILITY, default={}).values()]
+            curves = view.read_json(STABILITY, default={})
+            probed += bool(curves)
+            shares += [_share(halfway(curve)[1]) for curve in curves.values()]
         if shares:
             parts.append(f"no EPI in this run; the probes' cores (p = {data.config.cpift.p:g} %) at their halfway point "
                          f"keep {min(shares):.0%}–{max(shares):.0%} of their final cores "
-                         f"({len(shares)} probes, {len(data.seeds)} seeds)")
+                         f"({len(shares)} probes, {probed} seed{'s' if probed != 1 else ''})")
     if not shares:
         return Finding(claim, paper, "neither EPI nor probe snapshots in this run", "—", "not tested", rule)
     verdict = ("holds" if max(shares) < EPI_PAPER_OVERLAP else "does not hold" if min(shares) > EPI_PAPER_OVERLAP
@@ -306,7 +313,8 @@ def _relatedness(data: _Run) -> Finding:
                      f"{min(rest, default=np.nan):.1f}–{max(rest, default=np.nan):.1f}×")
     retest = _retest(regions)
     verdict = "holds" if all(wins) else "does not hold" if all(losses) else "inconclusive"
-    return Finding(claim, paper, "; ".join(parts) + retest, f"{len(regions)} seeds × {len(tasks)} tasks", verdict, rule)
+    return Finding(claim, paper, "; ".join(parts) + retest,
+                   f"{len(regions)} seed{'s' if len(regions) != 1 else ''} × {len(tasks)} tasks", verdict, rule)
 
 
 def _retest(regions: dict[int, CoreRegions]) -> str:
