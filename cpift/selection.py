@@ -74,6 +74,15 @@ def _kth_largest(scores: np.ndarray, k: int) -> tuple[float, int, int]:
     return float(t), n_gt, n_eq
 
 
+def _empty_mask(n: int, k: int) -> np.ndarray:
+    """The empty packed mask of ``n`` scores, after checking that ``n`` is whole words and k ≤ n."""
+    if n % WORD_BITS:
+        raise ParameterError(f"the score vector's length must be a multiple of {WORD_BITS}, got {n}")
+    if not 0 <= k <= n:
+        raise ParameterError(f"k must be in [0, {n}], got {k}")
+    return np.zeros(n // WORD_BITS, dtype=np.uint64)
+
+
 def top_k(scores: np.ndarray, k: int) -> Selection:
     """Select exactly the ``k`` largest entries of a flat float array, as a packed mask.
 
@@ -82,11 +91,7 @@ def top_k(scores: np.ndarray, k: int) -> Selection:
     the threshold go to the lowest indices. ``scores`` is not modified.
     """
     n = scores.size
-    if n % WORD_BITS:
-        raise ParameterError(f"the score vector's length must be a multiple of {WORD_BITS}, got {n}")
-    if not 0 <= k <= n:
-        raise ParameterError(f"k must be in [0, {n}], got {k}")
-    words = np.zeros(n // WORD_BITS, dtype=np.uint64)
+    words = _empty_mask(n, k)
     if k == 0:
         return Selection(words, float("inf"), 0)
     t, n_gt, n_eq = _kth_largest(scores, k)
@@ -129,11 +134,7 @@ def top_k_streamed(chunks: Callable[[], Iterable[tuple[int, np.ndarray]]], n: in
     largest is one of very many exact zeros), counts B's scores by their lower 16 bits to find the
     k-th largest value t itself, and a third pass sets the scores in B above t and the first ties.
     """
-    if n % WORD_BITS:
-        raise ParameterError(f"the score vector's length must be a multiple of {WORD_BITS}, got {n}")
-    if not 0 <= k <= n:
-        raise ParameterError(f"k must be in [0, {n}], got {k}")
-    words = np.zeros(n // WORD_BITS, dtype=np.uint64)
+    words = _empty_mask(n, k)
     if k == 0:
         return Selection(words, float("inf"), 0)
     high_counts = np.zeros(_HALF, dtype=np.int64)

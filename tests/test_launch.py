@@ -121,10 +121,10 @@ def test_cpu_estimate_follows_the_measured_costs():
     methods = 'run.methods=["cpift", "multitask", "multistage", "sequential"]'
     quick = load_config(CONFIGS / "quick.toml", [methods])
     estimate = estimate_cpu_seconds(quick)
-    # probes 3 × 5, cpift 10, multitask 10, multistage 10, sequential A once + B for 2 variants
-    assert estimate.steps == 15 + 10 + 10 + 10 + 3 * 10 == 75
+    # probes 3 × 10, cpift 10, multitask 10, multistage 10, sequential A once + B for 2 variants
+    assert estimate.steps == 30 + 10 + 10 + 10 + 3 * 10 == 90
     assert estimate.models == 1 + 4 + 1 + 1 + 3
-    assert estimate.train_s == pytest.approx(75 * 8.0)  # 8 s per step at batch 4 × 128
+    assert estimate.train_s == pytest.approx(90 * 8.0)  # 8 s per step at batch 4 × 128
     # per model: one generation batch per task (8 prompts, 32 tokens, 7 s), 8 retention chunks,
     # and the 13 zero-shot retention questions in 2 generation batches
     assert estimate.eval_s == pytest.approx(10 * (3 * 7.0 + 17.0 * 8 * 110 / 4096 + 2 * 7.0))
