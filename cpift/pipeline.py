@@ -7,6 +7,8 @@ scores the base model, runs each method (:data:`cpift.methods.METHODS`) once per
 ``metrics.json`` (:func:`cpift.scores.write_metrics`) after every method, so a stopped run keeps
 what it finished. ``resume=True`` continues a stopped run: finished
 artifacts are reused and an interrupted training stage continues from its last checkpoint.
+Launched on several processes (``torchrun``), every process runs this and trains data-parallel;
+the main one holds the lock, writes and scores (:mod:`cpift.processes`).
 """
 
 from __future__ import annotations
