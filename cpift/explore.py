@@ -68,8 +68,8 @@ def run_reliability(run: RunDir) -> pd.DataFrame | None:
               for path in sorted((run.path / SEEDS).glob(f"seed-*/{REGIONS}/manifest.json"))}
     if not primary.is_file() or not others:
         return None
-    return reliability(CoreRegions.load(primary.parent), {seed: CoreRegions.load(path) for seed, path in others.items()},
-                       by="seed")
+    retests = {seed: CoreRegions.load(path) for seed, path in others.items()}
+    return reliability(CoreRegions.load(primary.parent), retests, by="seed")
 
 
 def run_similarity(run: RunDir) -> pd.DataFrame:

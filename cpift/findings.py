@@ -14,6 +14,7 @@ are not a difference state their rule in :attr:`Finding.rule`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -30,7 +31,8 @@ from .regions import CoreRegions
 from .runs import EPI_DRIFT, GROUPS, METRICS_JSON, REGIONS, STABILITY, RunDir
 from .scores import NORMALISED_AVERAGE, SEQUENTIAL_PREFIX, paired_comparisons, read_items
 
-__all__ = ["Finding", "RELATED_PAIRS", "VERDICTS", "findings", "findings_figures", "findings_table", "seed_runs", "tau_sweep", "to_markdown"]
+__all__ = ["Finding", "RELATED_PAIRS", "VERDICTS", "findings", "findings_figures", "findings_table", "seed_runs",
+           "tau_sweep", "to_markdown"]
 
 VERDICTS = ("holds", "does not hold", "inconclusive", "not tested")
 
@@ -107,7 +109,9 @@ class _Run:
         low, high = self.metrics.get("intervals", {}).get(NORMALISED_AVERAGE, {}).get(model, [np.nan, np.nan])
         return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
 
+    @functools.cached_property
     def regions(self) -> dict[int, CoreRegions]:
+        """Every seed's core regions (the seeds that have them)."""
         return {seed: CoreRegions.load(view.path_for(REGIONS)) for seed, view in self.seeds.items()
                 if view.exists(f"{REGIONS}/manifest.json")}
 
@@ -164,8 +168,8 @@ def _overlap_beyond_chance(regions: dict[int, CoreRegions]) -> tuple[str, bool]:
         table = seed_regions.overlap_significance()
         significant = len(significant_pairs(table))
         any_significant |= significant > 0
-        parts.append(f"seed {seed}: {significant}/{len(table)} pairs above chance, lift "
-                     f"{table.lift.min():.1f}–{table.lift.max():.1f}× (chance Jaccard {table.expected_jaccard.mean():.4f})")
+        parts.append(f"seed {seed}: {significant}/{len(table)} pairs above chance, lift {table.lift.min():.1f}–"
+                     f"{table.lift.max():.1f}× (chance Jaccard {table.expected_jaccard.mean():.4f})")
     return "; ".join(parts), any_significant
 
 
@@ -201,7 +205,7 @@ def _tau_sweep(data: _Run) -> Finding:
     paper = "normalised average best at τ = 0.1 (LLaMA-2-7B)"
     rule = ("first, whether any pair of cores overlaps more than chance (hypergeometric, Bonferroni); then the best "
             "τ's model against τ = 0's, 95 % paired interval of the difference in normalised average")
-    regions = data.regions()
+    regions = data.regions
     if not regions:
         return Finding(claim, paper, "the run has no core regions", "—", "not tested", rule)
     overlap, any_significant = _overlap_beyond_chance(regions)
@@ -271,7 +275,8 @@ def _drift(data: _Run) -> Finding:
         drift = view.read_json(EPI_DRIFT, default=None)
         if drift and len(drift.get("refreshes", [])) > 1:
             shares.append(_share(float(drift["refreshes"][-1]["jaccard_first"])))
-            parts.append(f"EPI seed {seed}: {shares[-1]:.0%} of the first set after {len(drift['refreshes'])} refreshes")
+            parts.append(f"EPI seed {seed}: {shares[-1]:.0%} of the first set after "
+                         f"{len(drift['refreshes'])} refreshes")
     source = "EPI"
     if not shares:
         source = "probes"
@@ -280,7 +285,8 @@ def _drift(data: _Run) -> Finding:
             probed += bool(curves)
             shares += [_share(halfway(curve)[1]) for curve in curves.values()]
         if shares:
-            parts.append(f"no EPI in this run; the probes' cores (p = {data.config.cpift.p:g} %) at their halfway point "
+            parts.append(f"no EPI in this run; the probes' cores (p = {data.config.cpift.p:g} %) at their halfway "
+                         "point "
                          f"keep {min(shares):.0%}–{max(shares):.0%} of their final cores "
                          f"({len(shares)} probes, {probed} seed{'s' if probed != 1 else ''})")
     if not shares:
@@ -296,7 +302,7 @@ def _relatedness(data: _Run) -> Finding:
     paper = "related tasks share more of their cores (CPI-FT's premise)"
     rule = ("Jaccard lift over chance of related pairs (RELATED_PAIRS) against every other pair, per seed: holds if "
             "every related pair's lift exceeds every unrelated pair's in every seed")
-    regions = data.regions()
+    regions = data.regions
     tasks = list(next(iter(regions.values())).tasks) if regions else []
     related = [pair for pair in RELATED_PAIRS if set(pair) <= set(tasks)]
     if not related:
@@ -323,7 +329,8 @@ def _retest(regions: dict[int, CoreRegions]) -> str:
     table = reliability(primary, dict(others), by="seed")
     if table.empty:
         return ""
-    return (f"; the same task across seeds (test–retest): Jaccard {table.jaccard.min():.2f}–{table.jaccard.max():.2f} "
+    return (f"; the same task across seeds (test–retest): Jaccard "
+            f"{table.jaccard.min():.2f}–{table.jaccard.max():.2f} "
             f"(chance {table.expected.mean():.4f})")
 
 

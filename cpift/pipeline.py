@@ -165,7 +165,8 @@ def run_config(
             # The main process scores; the others wait for it at the next step that needs them all.
             if main:
                 view.set_stage(f"eval/{label}")
-                evaluations.append(evaluate_model(trained, tokenizer, label, list(tasks.values()), seed=seed, **options))
+                evaluations.append(evaluate_model(trained, tokenizer, label, list(tasks.values()), seed=seed,
+                                                  **options))
 
         score(model, "base", primary, run)
         base = evaluations[0].scores if main else None

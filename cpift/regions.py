@@ -43,8 +43,8 @@ from .atomic import atomic_dir
 from .checkpoint import Checkpoint, ModelLike, aligned_names, all_finite, open_checkpoint
 from .errors import CheckpointError, FormatError, ParameterError
 from .manifest import manifest_header, read_manifest
-from .masks import (WORD_BITS, Layout, from_positions, load_packed, popcount, positions, save_packed, tensor_counts, unpack,
-                    unpack_all)
+from .masks import (WORD_BITS, Layout, from_positions, load_packed, popcount, positions, save_packed, tensor_counts,
+                    unpack, unpack_all)
 from .overlap import group_jaccard, group_sizes, jaccard_matrix, overlap_significance
 from .selection import check_scope, k_for_percent, top_k, top_k_streamed, top_percent
 

@@ -149,8 +149,8 @@ def _exploration_figures(run: RunDir, figures: Figures) -> None:
     retest = run_reliability(run)
     figures["Overlap beside chance"] = jaccard_heatmap(significance, "lift", retest=retest)
     figures["Jaccard overlap"] = jaccard_heatmap(significance, retest=retest)
-    _attempt(figures, "Lift over chance per layer", lambda: pairs_heatmap(regions.overlap_significance("layer"), "layer",
-                                                                          "lift"))
+    _attempt(figures, "Lift over chance per layer",
+             lambda: pairs_heatmap(regions.overlap_significance("layer"), "layer", "lift"))
     groups = run.read_json(GROUPS, default=None)
     if groups is not None:
         tau = float(groups["tau"])

@@ -127,8 +127,9 @@ def top_k_streamed(chunks: Callable[[], Iterable[tuple[int, np.ndarray]]], n: in
     ``chunks()`` yields ``(start, scores)`` pieces of the flat vector in ascending order — each a
     float array starting at a multiple of 64 and as long as a multiple of 64, with every real
     score ≥ 0 (magnitudes) and padding ``-inf`` — and is called once per pass, so the scores are
-    computed again each time (e.g. read from checkpoints tensor by tensor). Pass 1 counts the scores by the upper 16 bits of their float32
-    bit pattern (which orders non-negative floats) to find the bin B of the k-th largest. Pass 2
+    computed again each time (e.g. read from checkpoints tensor by tensor). Pass 1 counts the
+    scores by the upper 16 bits of their float32 bit pattern (which orders non-negative floats) to
+    find the bin B of the k-th largest. Pass 2
     sets every score above B and keeps the scores in B as candidates, among which the remaining
     ones are chosen exactly — or, when B holds more than ``candidate_limit`` scores (e.g. the k-th
     largest is one of very many exact zeros), counts B's scores by their lower 16 bits to find the

@@ -285,7 +285,8 @@ def numbers(min_length: int = 1, **bounds: float) -> Any:
     """A list of at least ``min_length`` distinct numbers within ``bounds`` (``gt``, ``le``, …); a
     bare number is a list of one."""
     return Annotated[tuple[Annotated[float, Field(allow_inf_nan=False, **bounds)], ...],
-                     BeforeValidator(_one_or_many), Field(strict=False, min_length=min_length), AfterValidator(_distinct)]
+                     BeforeValidator(_one_or_many), Field(strict=False, min_length=min_length),
+                     AfterValidator(_distinct)]
 
 
 def validated(function: Callable[..., Any]) -> Callable[..., Any]:

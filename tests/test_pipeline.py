@@ -158,7 +158,8 @@ def test_kill_mid_stage_then_resume_matches_uninterrupted(tiny_run: RunDir, tmp_
     assert RunDir.open(out).status == "done"
 
 
-@pytest.mark.parametrize("command", ["", "run", "probe", "regions", "group", "fuse", "train", "eval", "compare", "demo"])
+@pytest.mark.parametrize("command", ["", "run", "probe", "regions", "group", "fuse", "train", "eval", "compare",
+                                     "findings", "pack", "demo"])
 def test_every_command_has_help(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"] if command else ["--help"])

@@ -222,5 +222,6 @@ register(Method(
     "cpift", run, "probes per task → core regions at p → Jaccard groups at τ → fusion → consolidation over the "
     "groups with earlier cores frozen", "cpift", CpiftSettings,
     # The sweep's extra models are counted at most: which τ values group alike is known after the probes.
-    plan=lambda c: Plan(len(c.data.tasks) * c.probe.steps * c.probe.repeats + c.train.steps * (1 + len(c.cpift.tau_sweep)),
-                        len(c.data.tasks) * c.eval.probes + 1 + len(c.cpift.tau_sweep))))
+    plan=lambda c: Plan(
+        len(c.data.tasks) * c.probe.steps * c.probe.repeats + c.train.steps * (1 + len(c.cpift.tau_sweep)),
+        len(c.data.tasks) * c.eval.probes + 1 + len(c.cpift.tau_sweep))))
