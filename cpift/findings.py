@@ -116,13 +116,18 @@ class _Run:
                 if view.exists(f"{REGIONS}/manifest.json")}
 
 
+def _untested(claim: str, paper: str, rule: str, why: str) -> Finding:
+    """A claim the run cannot test, and why."""
+    return Finding(claim, paper, why, "—", "not tested", rule)
+
+
 def _beats(data: _Run, claim: str, paper: str, model: str, reference: str) -> Finding:
     """A "``model`` beats ``reference`` on the normalised average" claim."""
     row = data.versus(model, reference)
     rule = "95 % paired interval of the difference in normalised average (0–10) against 0"
     if row is None:
-        return Finding(claim, paper, f"{model} or {reference} has no scores in this run (not among its methods, "
-                       "or not scored yet)", "—", "not tested", rule)
+        return _untested(claim, paper, rule, f"{model} or {reference} has no scores in this run (not among its "
+                         "methods, or not scored yet)")
     measured = (f"{model} {data.average(model)} vs {reference} {data.average(reference)}; difference "
                 f"{_interval(row.difference, row.low, row.high)}, p = {row.p_value:.2g}")
     return Finding(claim, paper, measured, _n(row), _side(row.low, row.high), rule)
@@ -133,8 +138,8 @@ def _multistage(data: _Run) -> list[Finding]:
     claim = "CPI-FT beats multi-stage SFT ({} order)"
     tested = _beats(data, claim.format(order), "6.70 (random), 6.75 (heuristic) vs CPI-FT 7.21", "cpift", "multistage")
     other = "heuristic" if order == "random" else "random"
-    return [tested, Finding(claim.format(other), tested.paper, f"the run's multi-stage SFT used the {order} order",
-                            "—", "not tested", tested.rule)]
+    return [tested, _untested(claim.format(other), tested.paper, tested.rule,
+                              f"the run's multi-stage SFT used the {order} order")]
 
 
 def _sequential(data: _Run) -> Finding:
@@ -145,7 +150,7 @@ def _sequential(data: _Run) -> Finding:
     view = data.metrics.get("sequential")
     full, ours = f"{SEQUENTIAL_PREFIX}multitask", f"{SEQUENTIAL_PREFIX}cpift"
     if not view or full not in data.models or ours not in data.models:
-        return Finding(claim, paper, "the run has no A → B study with Full SFT and CPI-FT", "—", "not tested", rule)
+        return _untested(claim, paper, rule, "the run has no A → B study with Full SFT and CPI-FT")
     first, second = view["first"], view["second"]
     parts = []
     for variant, deltas in view["variants"].items():
@@ -207,11 +212,11 @@ def _tau_sweep(data: _Run) -> Finding:
             "τ's model against τ = 0's, 95 % paired interval of the difference in normalised average")
     regions = data.regions
     if not regions:
-        return Finding(claim, paper, "the run has no core regions", "—", "not tested", rule)
+        return _untested(claim, paper, rule, "the run has no core regions")
     overlap, any_significant = _overlap_beyond_chance(regions)
     rows = tau_sweep(data.run)
     if rows.empty:
-        return Finding(claim, paper, overlap + "; the run swept no τ down to 0", "—", "not tested", rule)
+        return _untested(claim, paper, rule, overlap + "; the run swept no τ down to 0")
     sweep = "; ".join(f"τ = {row.tau:g} ({'/'.join(map(str, sorted(set(row.groups))))} groups): "
                       f"{_interval(row.difference, row.low, row.high)}" for row in rows.itertuples())
     best = rows.loc[rows.difference.idxmax()]
@@ -237,7 +242,7 @@ def _forgetting(data: _Run) -> list[Finding]:
     rule = (f"mean forget ratio (FR) over the out-of-distribution retention tasks with its 95 % bootstrap interval: "
             f"holds if every density's interval stays below {FORGETS_NOTHING} and its collapse rate (CR) is 0")
     if not gallop:
-        return [Finding(claim, "FR 0, CR 0 (GaLLoP paper)", "no GaLLoP model in this run", "—", "not tested", rule)]
+        return [_untested(claim, "FR 0, CR 0 (GaLLoP paper)", rule, "no GaLLoP model in this run")]
     highs = [intervals.get(m, [np.nan, np.nan])[1] for m in gallop]
     lows = [intervals.get(m, [np.nan, np.nan])[0] for m in gallop]
     collapsed = any(forgetting[m]["collapse_rate"] > 0 for m in gallop)
@@ -248,8 +253,7 @@ def _forgetting(data: _Run) -> list[Finding]:
     claim = "LoRA, DoRA, SAFT and Full FT forget more than GaLLoP"
     rule = "each model's FR interval above every GaLLoP density's (disjoint intervals: conservative)"
     if not others:
-        return [first, Finding(claim, "they forget, more as density grows", "none of them in this run", "—",
-                               "not tested", rule)]
+        return [first, _untested(claim, "they forget, more as density grows", rule, "none of them in this run")]
     more = [intervals.get(m, [np.nan])[0] > max(highs) for m in others]
     less = [intervals.get(m, [np.nan, np.nan])[1] < min(lows) for m in others]
     verdict = "holds" if all(more) else "does not hold" if any(less) else "inconclusive"
@@ -290,7 +294,7 @@ def _drift(data: _Run) -> Finding:
                          f"keep {min(shares):.0%}–{max(shares):.0%} of their final cores "
                          f"({len(shares)} probes, {probed} seed{'s' if probed != 1 else ''})")
     if not shares:
-        return Finding(claim, paper, "neither EPI nor probe snapshots in this run", "—", "not tested", rule)
+        return _untested(claim, paper, rule, "neither EPI nor probe snapshots in this run")
     verdict = ("holds" if max(shares) < EPI_PAPER_OVERLAP else "does not hold" if min(shares) > EPI_PAPER_OVERLAP
                else "inconclusive")
     n = f"{len(shares)} {'seeds' if source == 'EPI' else 'probes'}"
@@ -306,7 +310,7 @@ def _relatedness(data: _Run) -> Finding:
     tasks = list(next(iter(regions.values())).tasks) if regions else []
     related = [pair for pair in RELATED_PAIRS if set(pair) <= set(tasks)]
     if not related:
-        return Finding(claim, paper, "the run has no related pair of tasks", "—", "not tested", rule)
+        return _untested(claim, paper, rule, "the run has no related pair of tasks")
     parts, wins, losses = [], [], []
     for seed, seed_regions in regions.items():
         table = seed_regions.overlap_significance().set_index(["task_a", "task_b"])
