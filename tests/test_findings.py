@@ -40,7 +40,7 @@ def test_the_study_config_is_valid_and_sized_for_its_budget() -> None:
 
 def test_every_claim_has_a_measurement_and_a_verdict(study: RunDir) -> None:
     found = findings(study)
-    assert len(found) == 9 and all(isinstance(f, Finding) for f in found)
+    assert len(found) == 10 and all(isinstance(f, Finding) for f in found)
     assert all(f.verdict in VERDICTS and f.claim and f.rule for f in found)
     by_claim = {f.claim: f for f in found}
     first = by_claim["CPI-FT beats Full-SFT multi-task on the normalised average"]
@@ -58,7 +58,7 @@ def test_a_difference_claim_follows_its_interval(study: RunDir) -> None:
 
     rows = paired_comparisons(read_items(study), "multitask")
     row = rows[(rows.model == "cpift") & (rows.task == "normalised_average")].iloc[0]
-    expected = "holds" if row.low > 0 else "does not hold" if row.high < 0 else "inconclusive"
+    expected = "holds" if row.low > 0 else "does not hold" if row.high <= 0 else "inconclusive"
     assert findings(study)[0].verdict == expected
 
 
@@ -75,11 +75,11 @@ def test_tau_sweep_pools_each_seeds_model_for_every_tau(study: RunDir) -> None:
 def test_findings_cli_prints_the_table_and_writes_the_figures(study: RunDir, tmp_path: Path, capsys) -> None:
     assert main(["findings", str(study.path), "--figures", str(tmp_path / "figures")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("| # | Claim |") and out.count("\n| ") >= 9 and "Rules:" in out
+    assert out.startswith("| # | Claim |") and out.count("\n| ") >= 10 and "Rules:" in out
     assert {p.stem for p in (tmp_path / "figures").iterdir()} == {"tau_sweep", "forgetting", "overlap_lift"}
     assert main(["findings", str(study.path), "--format", "json"]) == 0
     records = json.loads(capsys.readouterr().out)
-    assert [r["verdict"] in VERDICTS for r in records] == [True] * 9
+    assert [r["verdict"] in VERDICTS for r in records] == [True] * 10
     assert set(findings_figures(study)) == {"tau_sweep", "forgetting", "overlap_lift"}
 
 
@@ -107,3 +107,14 @@ def test_compare_page_and_report_show_the_findings(study: RunDir, tmp_path: Path
     assert list(sweep.data[0].x) == [0.1, 1.0] and sweep.data[0].error_y.array is not None
     text = export_report([study.path], tmp_path / "report.html").read_text()
     assert "Findings: the papers' claims" in text and "CPI-FT beats Full-SFT multi-task" in text
+
+
+def test_the_tau_claims_name_the_best_tau_and_the_papers(study: RunDir) -> None:
+    by_claim = {f.claim: f for f in findings(study)}
+    helps = by_claim["Grouping helps: some τ > 0 beats τ = 0 (all tasks in one group)"]
+    near = by_claim["The best τ is near the paper's 0.1"]
+    assert "τ = 1 (3 groups)" in helps.measured and "1 group)" in near.measured or "best: τ" in near.measured
+    sweep = tau_sweep(study)
+    best = sweep.loc[sweep.difference.idxmax()]
+    assert f"best: τ = {best.tau:g}" in near.measured
+    assert near.verdict in ("holds", "does not hold", "inconclusive")
