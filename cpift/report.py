@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,6 +55,8 @@ from .plots import (
 from .plots.compare import merge_metrics, sequential_table
 from .runs import GROUPS, METRICS_JSON, REGIONS, RunDir
 from .scores import compare, formatted, paired_comparisons, read_items
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["chromium_path", "comparison_figures", "export_report", "figure_file", "layer_shares", "load_metrics",
            "run_figures", "run_names", "sequential_view"]
@@ -310,9 +313,18 @@ def figure_file(fig: go.Figure, stem: str, *, png: bool | None = None) -> tuple[
     """One chart as a downloadable file: ``(file name, bytes, MIME type)``.
 
     A PNG (rendered by kaleido) when ``png`` is true, or by default when :func:`chromium_path`
-    finds a browser; else a standalone HTML file with plotly.js inlined (opens offline).
+    finds a browser; else a standalone HTML file with plotly.js inlined (opens offline). Kaleido's
+    browser sometimes fails a render on a busy machine (its page not ready yet): a render is tried
+    twice, and by default a second failure gives the HTML file instead.
     """
     if png if png is not None else chromium_path() is not None:
-        return f"{stem}.png", pio.to_image(fig, format="png", scale=2), "image/png"
+        for attempt in (1, 2):
+            try:
+                return f"{stem}.png", pio.to_image(fig, format="png", scale=2), "image/png"
+            except Exception as exc:  # kaleido raises its own types (e.g. a JavaScript error in the page)
+                if attempt == 2 and png:
+                    raise
+                if attempt == 2:
+                    _log.warning("PNG export of %r failed twice (%s): writing HTML instead", stem, exc)
     text = pio.to_html(fig, full_html=True, include_plotlyjs=True, include_mathjax=False)
     return f"{stem}.html", text.encode("utf-8"), "text/html"
