@@ -71,3 +71,26 @@ def test_figure_file_is_a_png_when_kaleido_finds_a_browser():
     name, data, mime = figure_file(go.Figure(go.Bar(x=[1], y=[2])), "scores")
     assert (name, mime) == ("scores.png", "image/png")
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_figure_file_retries_a_failed_png_render_then_falls_back_to_html(monkeypatch):
+    import cpift.report as report
+
+    calls = []
+
+    def flaky(fig, **kwargs):
+        calls.append(1)
+        if len(calls) < failures:
+            raise RuntimeError("kaleido_scopes is not defined")
+        return b"\x89PNG\r\n\x1a\n"
+
+    monkeypatch.setattr(report.pio, "to_image", flaky)
+    monkeypatch.setattr(report, "chromium_path", lambda: "/usr/bin/chromium")
+    failures = 2  # the first render fails, the second works
+    assert report.figure_file(go.Figure(), "x")[0] == "x.png" and len(calls) == 2
+    calls.clear()
+    failures = 3  # both fail: HTML by default, the error when PNG was asked for
+    assert report.figure_file(go.Figure(), "x")[0] == "x.html"
+    calls.clear()
+    with pytest.raises(RuntimeError, match="kaleido_scopes"):
+        report.figure_file(go.Figure(), "x", png=True)
