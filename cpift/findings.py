@@ -178,13 +178,14 @@ def _overlap_beyond_chance(regions: dict[int, CoreRegions]) -> tuple[str, bool]:
     return "; ".join(parts), any_significant
 
 
-def tau_sweep(run: RunDir) -> pd.DataFrame:
+def tau_sweep(run: RunDir, items: pd.DataFrame | None = None) -> pd.DataFrame:
     """The τ sweep of a run's CPI-FT (``cpift.tau`` and ``cpift.tau_sweep``): for every τ, the
     number of groups in each seed and the paired difference of its model's normalised average to
     τ = 0's (one group), pooled over seeds — each seed's model for a τ is the one that trained
     that seed's grouping at τ. Columns ``tau, groups`` (per seed), ``difference, low, high,
-    p_value, n_items, n_seeds``; empty when the run swept no τ down to 0."""
-    items = read_items(run)
+    p_value, n_items, n_seeds``; empty when the run swept no τ down to 0. ``items``: the run's
+    per-item results when the caller has read them already."""
+    items = read_items(run) if items is None else items
     relabelled, groups_at = [], {}
     for seed, view in seed_runs(run).items():
         groups = view.read_json(GROUPS, default=None)
@@ -220,7 +221,7 @@ def _tau_sweep(data: _Run) -> list[Finding]:
         return [_untested(claim, paper, rule, "the run has no core regions"),
                 _untested(near, near_paper, near_rule, "the run has no core regions")]
     overlap, any_significant = _overlap_beyond_chance(regions)
-    rows = tau_sweep(data.run)
+    rows = tau_sweep(data.run, data.items)
     if rows.empty:
         why = overlap + "; the run swept no τ down to 0"
         return [_untested(claim, paper, rule, why), _untested(near, near_paper, near_rule, why)]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
