@@ -97,6 +97,7 @@ def test_regions_page_draws_the_stability_curves(tmp_path: Path) -> None:
     assert list(stability_chart.data[0].y)[-1] == 1.0
     said = " ".join(str(e.value) for e in [*at.warning, *at.caption])
     assert "halfway point" in said
+    assert any(a.text == "chance" for a in stability_chart.layout.annotations)  # the chance level, dashed
 
 
 def test_halfway_says_whether_a_core_had_settled() -> None:

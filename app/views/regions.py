@@ -7,11 +7,12 @@ import streamlit as st
 from common import CUSTOM, Source, errors_shown, p_slider, page_source, remember
 
 from cpift.errors import ParameterError
-from cpift.overlap import GROUP_BY
+from cpift.overlap import GROUP_BY, expected_jaccard
 from cpift.plots import core_sizes_figure, magnitude_histogram_figure, stability_figure
 from cpift.regions import core_regions, magnitudes_fit
 from cpift.probes import SETTLED_JACCARD, halfway
 from cpift.runs import STABILITY
+from cpift.selection import k_for_percent
 
 st.title("Core regions")
 st.caption("Each task's core: the top p % of parameters by |θ_task − θ_base| after its probe fine-tune.")
@@ -82,7 +83,10 @@ def stability(src: Source) -> None:
                 "stopped moving is unknown; short probes give cores that are largely arbitrary.")
         return
     curves = src.run.read_json(STABILITY)
-    st.plotly_chart(stability_figure(curves), key="stability")
+    # The snapshots are cores at the run's p: two random sets of that size share this much.
+    d = src.saved.layout.numel
+    k = k_for_percent(src.saved.p, d)
+    st.plotly_chart(stability_figure(curves, chance=expected_jaccard(k, k, d)), key="stability")
     verdicts = {task: halfway(curve) for task, curve in curves.items()}
     moving = [f"{task} ({jaccard:.2f} at step {step})" for task, (step, jaccard, settled) in verdicts.items()
               if not settled]
