@@ -28,6 +28,7 @@ from .names import check_name, check_task_name
 
 __all__ = [
     "DEVICES",
+    "DISTRIBUTED",
     "ConfigError",
     "Float",
     "Name",
@@ -240,6 +241,11 @@ Names = Annotated[tuple[Name, ...], Field(strict=False, min_length=1), AfterVali
 OPTIMIZERS = ("adamw", "sgd")
 """The training loop's optimizers: AdamW (fused where the device has it), or plain SGD."""
 
+DISTRIBUTED = ("none", "ddp", "fsdp")
+"""How training spreads over the processes of a launch (``torchrun``/``accelerate launch``): one
+process only; data parallel with a whole model per process (DDP); data parallel with every
+parameter, gradient and optimizer state sharded over the processes (FSDP2, :mod:`cpift.fsdp`)."""
+
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
 """A random seed (an unsigned 32-bit integer, as numpy accepts)."""
 
@@ -339,6 +345,8 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(10, ge=0)  # 0: only at the end
     max_grad_norm: Float = Field(1.0, ge=0)  # 0: no clipping
     optimizer: Annotated[str, choice(OPTIMIZERS)] = "adamw"  # "sgd": plain SGD (no momentum), e.g. for probes
+    # With one process "ddp" and "fsdp" train as "none" does; "none" refuses a multi-process launch.
+    distributed: Annotated[str, choice(DISTRIBUTED)] = "none"
     # Stage checkpoints are deleted once the method's final model is saved (a 135M model's
     # checkpoint with AdamW state is 1.6 GB); true keeps them, e.g. to inspect stages.
     keep_checkpoints: bool = False

@@ -37,9 +37,11 @@ with a half cosine to 0 at ``steps`` (``transformers.get_cosine_schedule_with_wa
 Devices. :class:`accelerate.Accelerator` places the model and batches: ``device="auto"`` picks
 CUDA, then MPS, then CPU. CUDA trains in bf16 autocast (fp32 master weights; plain fp32 on GPUs
 without bf16), CPU and MPS in fp32 (bf16 on CPU is hundreds of times slower). The same code runs
-data-parallel under ``accelerate launch`` (DDP, gradient sync only on the last micro-batch,
-checkpoints published by the main process) — a path not exercised by the test suite, which runs
-on one CPU. ``accelerate`` keeps one device/precision setting per process: train on one kind of
+data-parallel under ``torchrun``/``accelerate launch`` as ``config.distributed`` says: ``"ddp"``
+(a whole model per process, gradient sync only on the last micro-batch) or ``"fsdp"`` (FSDP2:
+parameters, gradients and optimizer state sharded, :mod:`cpift.fsdp`); checkpoints are published
+by the main process, and both paths are tested on two CPU processes
+(``tests/test_distributed.py``). ``accelerate`` keeps one device/precision setting per process: train on one kind of
 device per process.
 
 Checkpoints. With ``checkpoint_dir``, every ``checkpoint_every`` steps and at the end
@@ -75,6 +77,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cpift import fsdp
 from cpift.data.chat import IGNORE_INDEX, collate, pad_token_id, tokenize_chat, tokenize_examples
 from cpift.errors import CpiftError, ParameterError
 from cpift.freezing import MaskedOptimizer
@@ -204,7 +207,7 @@ def _forward_backward(accelerator: Any, model: torch.nn.Module, head: torch.nn.M
     for micro, batch in enumerate(batches):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         sync = micro == len(batches) - 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        with contextlib.nullcontext() if sync else fsdp.no_sync(accelerator, model):
             micro_sum = _loss_sum(model, head, batch)
             accelerator.backward(micro_sum / n_targets * world)
         loss_sum += micro_sum.detach()
@@ -375,7 +378,8 @@ def train(
 
     Args:
         model: a causal LM (``model(input_ids, attention_mask).logits``); trained in place, left
-            on the training device and in eval mode.
+            on the training device (under FSDP: where it was, the trained weights gathered into
+            it) and in eval mode.
         tokenizer: its tokenizer, with a chat template.
         examples: training examples (:class:`~cpift.data.tasks.Example` or message sequences);
             each needs an assistant reply within ``config.max_length`` tokens, others are
@@ -436,8 +440,17 @@ def train(
 
     accelerator = _make_accelerator(device)
     main = accelerator.is_main_process
-    model = accelerator.prepare(model)
-    raw_model = accelerator.unwrap_model(model)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world > 1 and config.distributed == "none":
+        raise ParameterError(
+            f"stage {stage!r}: launched on {world} processes but train.distributed is 'none'; "
+            "set it to 'ddp' or 'fsdp', or launch one process")
+    sharded = world > 1 and config.distributed == "fsdp"
+    whole_model = model
+    # FSDP trains a sharded copy and writes the weights back at the end; DDP wraps the model.
+    model = fsdp.shard(model, accelerator.device, accelerator.mixed_precision) if sharded \
+        else accelerator.prepare(model)
+    raw_model = model if sharded else accelerator.unwrap_model(model)
     trainable = {n for n, p in raw_model.named_parameters() if p.requires_grad}
     known = dict(raw_model.named_parameters())
 
@@ -449,12 +462,13 @@ def train(
     optimizer = _optimizer(config.optimizer, _param_groups(raw_model, config.weight_decay), config.lr, accelerator.device)
     masked = MaskedOptimizer(optimizer, raw_model, trainable_only(frozen))
     scheduler = get_cosine_schedule_with_warmup(masked.optimizer, config.warmup_steps, config.steps)
-    register_state(accelerator, optimizer, scheduler, hook)
+    register_state(accelerator, None if sharded else optimizer, scheduler, hook)
+    shards = (model, optimizer) if sharded else None
 
     # ---- resume (model, optimizer, schedule, hook and RNGs as they were), or seed a fresh run
     step, losses, tokens_before = 0, [], 0
     if resume_from is not None:
-        load_checkpoint(accelerator, resume_from)
+        load_checkpoint(accelerator, resume_from, shards)
         step, losses = int(saved["step"]), [float(x) for x in saved["losses"]]
         tokens_before = int(saved["tokens_seen"])
         if hook is not None:
@@ -471,7 +485,6 @@ def train(
     # ---- loop
     from tqdm.auto import tqdm
 
-    world, rank = accelerator.num_processes, accelerator.process_index
     per_step = config.batch_size * config.grad_accum * world
     tokens_run = 0
     last_checkpoint = resume_from
@@ -494,7 +507,7 @@ def train(
                 hook.after_backward(raw_model, step + 1)
             grad_norm = None
             if config.max_grad_norm:  # 0: no clipping
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+                grad_norm = float(fsdp.full(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)))
                 if not math.isfinite(grad_norm):
                     raise CpiftError(
                         f"stage {stage!r}: the gradient norm is {grad_norm} at step {step + 1} of "
@@ -535,15 +548,19 @@ def train(
                     "stage": stage, "step": step, "steps": config.steps, "losses": losses,
                     "tokens_seen": tokens_before + tokens_run, "examples_skipped": skipped,
                     "config": {name: getattr(config, name) for name in TrainConfig.model_fields}, **fingerprint,
-                })
+                }, sharded=shards)
                 if main and on_event is not None:
                     on_event({"event": "checkpoint", "stage": stage, "step": step, "path": str(path)})
                 last_checkpoint = path
     finally:
         bar.close()
         model.eval()
-        # Drop the autocast wrapper accelerate puts on forward for mixed precision.
-        accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        if not sharded:
+            # Drop the autocast wrapper accelerate puts on forward for mixed precision.
+            accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    if sharded:
+        fsdp.gather_into(model, whole_model)
+        whole_model.eval()
 
     seconds = time.perf_counter() - started
     _log.info("stage %r: %d steps in %.1f s, final loss %.4f", stage, step - start_step, seconds,

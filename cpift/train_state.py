@@ -5,12 +5,14 @@ The state itself is :meth:`accelerate.Accelerator.save_state`'s, written into th
 temporary directory of :func:`cpift.atomic.atomic_dir` and published by one rename:
 
 * ``model.safetensors`` — the prepared model's state dict (tensors sharing memory, such as tied
-  input/output embeddings, stored once);
+  input/output embeddings, stored once); under FSDP instead ``sharded/``, every process's shards
+  of the model and the optimizer (:func:`cpift.fsdp.save`);
 * ``random_states_<process>.pkl`` — each process's Python, numpy and torch (CPU and CUDA)
   generator states (the data order does not use them; dropout does);
 * ``custom_checkpoint_<i>.pkl`` — the objects :func:`register_state` registers with
   :meth:`~accelerate.Accelerator.register_for_checkpointing`, in this order: the AdamW optimizer
   (0), the learning-rate scheduler (1) and, with a :class:`~cpift.train.TrainHook`, the hook (2);
+  under FSDP the optimizer is in ``sharded/`` and the numbering starts at the scheduler (0);
 * ``trainer_state.json`` — cpift's own, written last: step, losses so far, tokens seen, the
   config and fingerprints of the tokenized data, the frozen set and the hook.
 
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cpift import fsdp
 from cpift.atomic import atomic_dir, remove_stale_temps
 from cpift.errors import CheckpointError, CpiftError, MismatchError, ParameterError
 
@@ -75,9 +78,7 @@ _CKPT_TEMP_RE = re.compile(r"^\.(step-\d{6,})\.(?:tmp|old)-\d+-")
 _MODEL_FILE = "model.safetensors"
 _MAIN_RNG_FILE = "random_states_0.pkl"
 _OPTIMIZER_FILE = "custom_checkpoint_0.pkl"
-_SCHEDULER_FILE = "custom_checkpoint_1.pkl"
 _STATE_FILE = "trainer_state.json"  # written last
-_CKPT_FILES = (_MODEL_FILE, _MAIN_RNG_FILE, _OPTIMIZER_FILE, _SCHEDULER_FILE, _STATE_FILE)
 _FORMAT = 2  # 1: cpift's own files (optimizer.pt, rng.pt, ...); 2: accelerate's save_state
 
 
@@ -100,11 +101,19 @@ def list_checkpoints(checkpoint_dir: str | os.PathLike[str]) -> list[tuple[int, 
         match = _CKPT_RE.match(entry.name)
         if match is None or not entry.is_dir():
             continue
-        if all((entry / name).is_file() for name in _CKPT_FILES):
+        if _complete(entry):
             found.append((int(match.group(1)), entry))
         else:
             _log.warning("ignoring incomplete checkpoint %s", entry)
     return sorted(found)
+
+
+def _complete(checkpoint: Path) -> bool:
+    """Whether a checkpoint holds every file: the main process's RNG state, the trainer state and
+    either the whole model and optimizer or their shards (FSDP)."""
+    whole = all((checkpoint / name).is_file() for name in (_MODEL_FILE, _OPTIMIZER_FILE))
+    return (whole or fsdp.complete(checkpoint)) and all(
+        (checkpoint / name).is_file() for name in (_MAIN_RNG_FILE, _STATE_FILE))
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> Path | None:
@@ -218,11 +227,12 @@ def check_resumable(path: Path, saved: Mapping[str, Any], settings: Mapping[str,
         )
 
 
-def register_state(accelerator: Accelerator, optimizer: torch.optim.Optimizer, scheduler: Any,
+def register_state(accelerator: Accelerator, optimizer: torch.optim.Optimizer | None, scheduler: Any,
                    hook: Any | None) -> None:
-    """Have ``accelerator.save_state``/``load_state`` include the optimizer, the scheduler and the
-    hook (anything with ``state_dict``/``load_state_dict``) besides the prepared model and RNGs."""
-    accelerator.register_for_checkpointing(optimizer, scheduler, *([hook] if hook is not None else []))
+    """Have ``accelerator.save_state``/``load_state`` include the optimizer (None under FSDP, whose
+    shards :func:`save_checkpoint` writes itself), the scheduler and the hook (anything with
+    ``state_dict``/``load_state_dict``) besides the prepared model and RNGs."""
+    accelerator.register_for_checkpointing(*(obj for obj in (optimizer, scheduler, hook) if obj is not None))
 
 
 @contextlib.contextmanager
@@ -242,11 +252,13 @@ def _tied_weights_expected() -> Iterator[None]:
 
 
 def save_checkpoint(accelerator: Accelerator, path: Path, trainer_state: Mapping[str, Any], *,
+                    sharded: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None,
                     keep: int = KEEP_CHECKPOINTS) -> None:
     """Publish the training state at ``path`` atomically, then keep only the newest ``keep``.
 
-    Every process calls this: each writes its own RNG state, the main process everything else
-    (accelerate's rule) and, last, ``trainer_state`` (JSON-able) as ``trainer_state.json``.
+    Every process calls this: each writes its own RNG state (and, with ``sharded`` — the FSDP
+    model and its optimizer — its shards), the main process everything else (accelerate's rule)
+    and, last, ``trainer_state`` (JSON-able) as ``trainer_state.json``.
     """
     from accelerate.utils import broadcast_object_list
 
@@ -256,6 +268,8 @@ def save_checkpoint(accelerator: Accelerator, path: Path, trainer_state: Mapping
         (tmp,) = broadcast_object_list([tmp])
         with _tied_weights_expected():
             accelerator.save_state(str(tmp))
+        if sharded is not None:
+            fsdp.save(*sharded, tmp)
         accelerator.wait_for_everyone()
         if main:
             state = {"format": _FORMAT, **trainer_state}
@@ -265,8 +279,10 @@ def save_checkpoint(accelerator: Accelerator, path: Path, trainer_state: Mapping
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> None:
-    """Restore the model, optimizer, scheduler, hook and RNG states saved at ``path``.
+def load_checkpoint(accelerator: Accelerator, path: Path,
+                    sharded: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None) -> None:
+    """Restore the model, optimizer, scheduler, hook and RNG states saved at ``path`` (with
+    ``sharded``, the FSDP model and optimizer from their shards).
 
     Raises:
         CheckpointError: a file cannot be read or does not fit (the model, the optimizer).
@@ -278,7 +294,14 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> None:
         # load_state skips an unreadable RNG file with an info log only, which would silently
         # break exact resume: reading it first makes a damaged or missing one fail here.
         load(rng_file)
+        if (sharded is not None) != fsdp.complete(path):
+            raise CheckpointError(
+                f"cannot resume from {path}: it was written "
+                + ("without" if sharded is not None else "with")
+                + " FSDP (train.distributed); resume it with the strategy it was written with")
         accelerator.load_state(str(path))
+        if sharded is not None:
+            fsdp.load(*sharded, path)
     except CpiftError:
         raise
     except Exception as exc:

@@ -23,6 +23,7 @@ from cpift.config import (
 from cpift.errors import CpiftError, ParameterError
 from cpift.fusion import FOLDS, OVERLAP_RULES
 from cpift.grouping import STAGE_ORDERS
+from cpift.settings import DISTRIBUTED
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MINIMAL = {"run": {"name": "t"}, "data": {"tasks": ["math", "code", "logic"]}}
@@ -149,6 +150,10 @@ def test_enums_come_from_the_library() -> None:
     assert parse_config(with_value(MINIMAL, "run.device", "cuda")).run.device == "cuda"
     with pytest.raises(ConfigError, match=r"run\.device: 'cuda:1' .*CUDA_VISIBLE_DEVICES"):
         parse_config(with_value(MINIMAL, "run.device", "cuda:1"))
+    for strategy in DISTRIBUTED:
+        assert parse_config(with_value(MINIMAL, "train.distributed", strategy)).train.distributed == strategy
+    with pytest.raises(ConfigError, match=r"train\.distributed: .*'zero3'"):
+        parse_config(with_value(MINIMAL, "train.distributed", "zero3"))
 
 
 # -- errors name their key -----------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Annotated, Any
 import torch
 from pydantic import Field
 
+from .. import fsdp
 from ..masks import save_packed
 from ..runs import EPI_DRIFT, RunDir, epi_mask, method_dir, method_final_dir
 from ..settings import Float, Section, choice
@@ -54,7 +55,8 @@ class EpiHook(TrainHook):
         self.stage = ""
 
     def after_backward(self, model: torch.nn.Module, step: int) -> None:
-        self.tracker.update({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+        # Under FSDP each process holds a shard of each gradient; the importance needs it whole.
+        self.tracker.update({name: fsdp.full(p.grad) for name, p in model.named_parameters() if p.grad is not None})
 
     def after_step(self, step: int) -> dict[str, torch.Tensor] | None:
         at = self.offset + step
