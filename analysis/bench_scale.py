@@ -13,7 +13,9 @@ times, each in a fresh process whose peak resident memory (``ru_maxrss``) is rea
 - reading both checkpoints once, tensor by tensor (the floor any whole-model operation pays);
 - ``core_regions(base, {t: task}, p=1, keep_magnitudes=False)``, one task and two (the second
   task is the same file under another name: the cost is the same as a second model's);
-- ``fuse(base, {a, b}, regions, out=DIR)``, the fused model written tensor by tensor.
+- ``fuse(base, {a, b}, regions, out=DIR)``, the fused model written tensor by tensor;
+- the app's Core regions page (through streamlit's AppTest) computing one task's core from the
+  two paths typed into its form, as a researcher would.
 
 The files are deleted at the end. The table is printed as markdown with the machine's facts.
 """
@@ -119,6 +121,19 @@ def _fuse(base: str, task: str) -> None:
     fuse(base, {"t0": task, "t1": task}, regions, omega=0.5, out=Path(base).parent / "fused", progress=False)
 
 
+def _app_page(base: str, task: str) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app" / "main.py"), default_timeout=3600)
+    at.query_params.update({"page": "regions"})
+    at.run()
+    at.text_input[0].set_value(base)
+    at.text_area[0].set_value(f"t0 = {task}")
+    at.button[0].click().run()
+    if at.error or at.exception or at.dataframe[0].value["task"].tolist() != ["t0"]:
+        raise SystemExit(f"the Core regions page failed: {[e.value for e in at.error]} {list(at.exception)}")
+
+
 def _child(target, args, queue) -> None:
     started = time.perf_counter()
     target(*args)
@@ -152,7 +167,8 @@ def main() -> None:
         rows = [("read both checkpoints once", *measure(_read_once, str(base), str(task))),
                 ("core_regions, p = 1 %, one task", *measure(_regions, str(base), str(task), 1)),
                 ("core_regions, p = 1 %, two tasks", *measure(_regions, str(base), str(task), 2)),
-                ("fuse two tasks, written tensor by tensor (out=)", *measure(_fuse, str(base), str(task)))]
+                ("fuse two tasks, written tensor by tensor (out=)", *measure(_fuse, str(base), str(task))),
+                ("the app's Core regions page, one task", *measure(_app_page, str(base), str(task)))]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\n{args.shape} shapes: {params / 1e9:.2f}B parameters, bfloat16, {2 * params / 2**30:.1f} GiB per "
