@@ -1,6 +1,6 @@
 """The README's screenshots: each main page of the app on a sample run, in headless Chromium.
 
-    python analysis/screenshots.py [--run sample_runs/all_methods] [--out docs/screenshots]
+    python analysis/screenshots.py [--run sample_runs/study] [--out docs/screenshots]
 
 Starts the app on a free localhost port (``app/serve.py``), opens each page, waits until its
 figures are drawn and saves a PNG per page. Needs Debian's ``chromium`` (``/usr/bin/chromium``).
@@ -32,7 +32,7 @@ PAGES = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", default=str(ROOT / "sample_runs" / "all_methods"))
+    parser.add_argument("--run", default=str(ROOT / "sample_runs" / "study"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "screenshots"))
     parser.add_argument("--width", type=int, default=1400)
     args = parser.parse_args()
