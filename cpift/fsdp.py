@@ -33,20 +33,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["SHARDED_DIR", "complete", "full", "gather_into", "is_sharded", "load", "no_sync", "save", "shard"]
+__all__ = ["SHARDED_DIR", "complete", "full", "gather_into", "load", "no_sync", "save", "shard"]
 
 SHARDED_DIR = "sharded"
 """The folder of a checkpoint that holds the model's and optimizer's shards (DCP's format)."""
 
 
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a ``DTensor`` (a sharded parameter, gradient or norm)."""
-    return hasattr(tensor, "full_tensor")
-
-
 def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole of a sharded tensor (collective: every process calls it), or ``tensor`` itself."""
-    return tensor.full_tensor() if is_sharded(tensor) else tensor
+    """The whole of a sharded tensor (a ``DTensor``; collective: every process calls it), or
+    ``tensor`` itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _unit_classes(model: torch.nn.Module) -> set[str]:
