@@ -8,11 +8,15 @@ Run from the repository root on a quiet machine with disk for three checkpoints 
 
 It writes a synthetic pair — a random base and a task that moves every element a little and a
 few percent of them more — shard by shard as sharded safetensors (never holding a model), then
-times, each in a fresh process whose peak resident memory (``ru_maxrss``) is read at its end:
+times each in a fresh process and reads its peak resident memory (``ru_maxrss``, which counts the touched
+pages of memory-mapped checkpoints) and its peak anonymous memory (sampled every 20 ms: what the
+operation allocates):
 
 - reading both checkpoints once, tensor by tensor (the floor any whole-model operation pays);
 - ``core_regions(base, {t: task}, p=1, keep_magnitudes=False)``, one task and two (the second
   task is the same file under another name: the cost is the same as a second model's);
+- the overlap of the two tasks' cores, loaded from the saved regions: their Jaccard, per layer
+  and beside chance (``overlap_significance``);
 - ``fuse(base, {a, b}, regions, out=DIR)``, the fused model written tensor by tensor;
 - the app's Core regions page (through streamlit's AppTest) computing one task's core from the
   two paths typed into its form, as a researcher would.
@@ -30,6 +34,7 @@ import platform
 import resource
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -113,6 +118,15 @@ def _regions(base: str, task: str, n_tasks: int) -> None:
     regions.save(Path(base).parent / f"regions-{n_tasks}", compress=True, overwrite=True)
 
 
+def _overlap(base: str) -> None:
+    from cpift.regions import CoreRegions
+
+    regions = CoreRegions.load(Path(base).parent / "regions-2")
+    regions.jaccard()
+    regions.layer_jaccard("layer")
+    regions.overlap_significance("layer")
+
+
 def _fuse(base: str, task: str) -> None:
     from cpift.fusion import fuse
     from cpift.regions import CoreRegions
@@ -135,13 +149,29 @@ def _app_page(base: str, task: str) -> None:
 
 
 def _child(target, args, queue) -> None:
+    import psutil
+
+    process, peak_anonymous, done = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:  # RSS less file-backed pages, every 20 ms: what the process itself holds
+        while not done.wait(0.02):
+            info = process.memory_info()
+            peak_anonymous[0] = max(peak_anonymous[0], info.rss - info.shared)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     started = time.perf_counter()
     target(*args)
-    queue.put((time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+    seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    queue.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, peak_anonymous[0] / 2**30))
 
 
-def measure(target, *args) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GiB) of ``target(*args)`` in a fresh process."""
+def measure(target, *args) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (GiB) and sampled peak anonymous memory (GiB) of ``target(*args)``
+    in a fresh process. RSS counts the pages of memory-mapped checkpoints that were touched (page
+    cache the kernel reclaims at will); the anonymous part is what the operation allocates."""
     context = mp.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_child, args=(target, args, queue))
@@ -167,6 +197,8 @@ def main() -> None:
         rows = [("read both checkpoints once", *measure(_read_once, str(base), str(task))),
                 ("core_regions, p = 1 %, one task", *measure(_regions, str(base), str(task), 1)),
                 ("core_regions, p = 1 %, two tasks", *measure(_regions, str(base), str(task), 2)),
+                ("overlap of the two cores (saved regions): Jaccard, per layer, beside chance",
+                 *measure(_overlap, str(base))),
                 ("fuse two tasks, written tensor by tensor (out=)", *measure(_fuse, str(base), str(task))),
                 ("the app's Core regions page, one task", *measure(_app_page, str(base), str(task)))]
     finally:
@@ -174,9 +206,9 @@ def main() -> None:
     print(f"\n{args.shape} shapes: {params / 1e9:.2f}B parameters, bfloat16, {2 * params / 2**30:.1f} GiB per "
           f"checkpoint (written in {written:.0f} s); {platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, load average {os.getloadavg()[0]:.2f}\n")
-    print("| operation | wall (s) | peak RSS (GiB) |\n|---|---|---|")
-    for name, seconds, rss in rows:
-        print(f"| {name} | {seconds:.1f} | {rss:.2f} |")
+    print("| operation | wall (s) | peak RSS (GiB) | of it allocated, not mapped files (GiB) |\n|---|---|---|---|")
+    for name, seconds, rss, anonymous in rows:
+        print(f"| {name} | {seconds:.1f} | {rss:.2f} | {anonymous:.2f} |")
 
 
 if __name__ == "__main__":

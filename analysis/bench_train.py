@@ -1,13 +1,15 @@
 """Training and scoring speed on the embedded model, beside a peer and the naive way, in one run.
 
-Run from the repository root (a quiet machine; about 5 minutes on 2 CPU cores)::
+Run from the repository root (a quiet machine; about 7 minutes on 2 CPU cores)::
 
     .venv/bin/python analysis/bench_train.py
     .venv/bin/python analysis/bench_train.py --steps 12 --items 48
 
 Training: SmolLM2-135M-Instruct (fp32, CPU), the embedded ``math`` task's training examples cut
 to 128 tokens, batch 4, AdamW at lr 1e-4 with no warm-up, no evaluation and no checkpoints,
-``--steps`` optimizer steps after one untimed warm-up step, three ways from the same weights:
+``--steps`` optimizer steps after one untimed warm-up step, three ways from the same weights, in
+``--rounds`` rounds (each in a rotated order; medians reported, and each way's range of speed-ups
+over the rounds, since one round on a 2-core machine can be off by 20 %):
 
 * ``cpift.train`` — the LM head and cross-entropy at the labelled positions only, fused AdamW,
   length-grouped batches;
@@ -31,6 +33,7 @@ import argparse
 import copy
 import os
 import platform
+import statistics
 import tempfile
 import time
 
@@ -85,20 +88,22 @@ def naive_loop(model: torch.nn.Module, data: list, pad_id: int, steps: int) -> t
     return seconds, tokens, positions
 
 
-def cpift_loop(model: torch.nn.Module, tokenizer, examples: list, steps: int) -> tuple[float, int]:
+def cpift_loop(model: torch.nn.Module, tokenizer, examples: list, steps: int) -> tuple[float, int, int]:
     """``cpift.train`` for ``steps`` + 1 steps, timed from the end of the first step (its events'
-    clock) to the end of the last; (seconds, non-padding tokens of the timed steps)."""
+    clock) to the end of the last; (seconds, non-padding tokens of the timed steps, the same again:
+    train() does not report its padded positions, so FLOPs count the non-padding ones)."""
     config = TrainConfig(lr=LR, warmup_steps=0, steps=steps + 1, batch_size=BATCH, max_length=MAX_LENGTH,
                          checkpoint_every=0, device="cpu")
     marks: list[tuple[float, int]] = []
     train(model, tokenizer, examples, config, progress=False,
           on_event=lambda e: marks.append((time.perf_counter(), e["tokens"])) if e["event"] == "step" else None)
     (t0, tokens0), (t1, tokens1) = marks[0], marks[-1]
-    return t1 - t0, tokens1 - tokens0
+    return t1 - t0, tokens1 - tokens0, tokens1 - tokens0
 
 
-def trainer_loop(model: torch.nn.Module, tokenizer, data: list, steps: int) -> tuple[float, int, str]:
-    """``transformers.Trainer`` on the same tokenized examples; (seconds, non-padding tokens, its optimizer)."""
+def trainer_loop(model: torch.nn.Module, tokenizer, data: list, steps: int) -> tuple[float, int, int]:
+    """``transformers.Trainer`` (its default optimizer) on the same tokenized examples; (seconds,
+    non-padding tokens, the same again for the FLOPs)."""
     from datasets import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -132,12 +137,22 @@ def trainer_loop(model: torch.nn.Module, tokenizer, data: list, steps: int) -> t
         timer = StepTimes()
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=counting, callbacks=[timer])
         trainer.train()
-        return timer.total, sum(batch_tokens[1:steps + 1]), str(args.optim.value)
+        tokens = sum(batch_tokens[1:steps + 1])
+        return timer.total, tokens, tokens
+
+
+def trainer_optimizer() -> str:
+    """The optimizer ``transformers.Trainer`` uses by default in the installed version."""
+    from transformers import TrainingArguments
+
+    with tempfile.TemporaryDirectory() as out:
+        return str(TrainingArguments(output_dir=out, use_cpu=True, report_to=[]).optim.value)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per way (default 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three training ways (default 3)")
     parser.add_argument("--items", type=int, default=40, help="multiple-choice items scored (default 40)")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
@@ -150,16 +165,22 @@ def main() -> None:
     config = base.config
     peak = matmul_peak_gflops(config.hidden_size, config.intermediate_size)
 
-    rows = []
-    naive_s, naive_tokens, naive_positions = naive_loop(copy.deepcopy(base), data, pad_id, args.steps)
-    rows.append(("cpift loop before (full logits, default AdamW, plain order)", naive_s, naive_tokens,
-                 6 * n_params * naive_positions))
-    cpift_s, cpift_tokens = cpift_loop(copy.deepcopy(base), tokenizer, examples, args.steps)
-    # padded positions of the grouped batches are not reported by train(); count the non-padding ones
-    rows.append(("cpift.train (head at labelled tokens, fused AdamW, length-grouped)", cpift_s, cpift_tokens,
-                 6 * n_params * cpift_tokens))
-    trainer_s, trainer_tokens, optim = trainer_loop(copy.deepcopy(base), tokenizer, data, args.steps)
-    rows.append((f"transformers.Trainer ({optim})", trainer_s, trainer_tokens, 6 * n_params * trainer_tokens))
+    # Each round runs the three ways from the same weights, in a rotated order (so that no way is
+    # always the first, cold one); the table reports each way's median over the rounds and the
+    # range of its per-round ratio to the Trainer, which is what separates a speed-up from noise.
+    ways = {
+        "cpift loop before (full logits, default AdamW, plain order)":
+            lambda model: naive_loop(model, data, pad_id, args.steps),
+        "cpift.train (head at labelled tokens, fused AdamW, length-grouped)":
+            lambda model: cpift_loop(model, tokenizer, examples, args.steps),
+        "transformers.Trainer": lambda model: trainer_loop(model, tokenizer, data, args.steps),
+    }
+    names = list(ways)
+    runs: dict[str, list[tuple[float, int, int]]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names[r % 3:] + names[:r % 3]:
+            runs[name].append(ways[name](copy.deepcopy(base)))
+    trainer_rates = [tokens / seconds for seconds, tokens, _ in runs["transformers.Trainer"]]
 
     task = get_task("logic", n_train=1, n_eval=args.items)
     prompts, options = [e.prompt for e in task.eval], [e.options for e in task.eval]
@@ -173,14 +194,19 @@ def main() -> None:
     print(f"model: SmolLM2-135M-Instruct fp32, {n_params:,} parameters; fp32 matmul peak here "
           f"{peak:.0f} GFLOP/s ({512}×{config.hidden_size} @ {config.hidden_size}×{config.intermediate_size})")
     print()
-    print(f"Training, {args.steps} steps of batch {BATCH} × ≤ {MAX_LENGTH} tokens (embedded math):")
+    print(f"Training, {args.steps} steps of batch {BATCH} × ≤ {MAX_LENGTH} tokens (embedded math), "
+          f"median of {args.rounds} rounds:")
     print()
-    print("| way | s/step | tokens/s | vs Trainer | GFLOP/s (≤) |")
+    print("| way | s/step | tokens/s | vs Trainer (median, range over rounds) | GFLOP/s (≤) |")
     print("|---|---:|---:|---:|---:|")
-    trainer_rate = trainer_tokens / trainer_s
-    for name, seconds, tokens, flops in rows:
-        print(f"| {name} | {seconds / args.steps:.2f} | {tokens / seconds:.0f} | {tokens / seconds / trainer_rate:.2f}× "
-              f"| {flops / seconds / 1e9:.0f} |")
+    for name in names:
+        seconds = statistics.median(s for s, _, _ in runs[name])
+        rate = statistics.median(t / s for s, t, _ in runs[name])
+        flops = statistics.median(6 * n_params * f / s for s, _, f in runs[name])
+        ratios = [t / s / trainer for (s, t, _), trainer in zip(runs[name], trainer_rates)]
+        label = f"{name} ({trainer_optimizer()})" if name == "transformers.Trainer" else name
+        print(f"| {label} | {seconds / args.steps:.2f} | {rate:.0f} | {statistics.median(ratios):.2f}× "
+              f"({min(ratios):.2f}–{max(ratios):.2f}) | {flops / 1e9:.0f} |")
     print()
     print(f"Scoring {args.items} four-option items (embedded logic):")
     print()

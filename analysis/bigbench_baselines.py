@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100, help="evaluation items per task (default 100)")
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2-135m")
-    print(f"| task | n | options | chance | accuracy [95% CI] | acc_norm | above chance | s |")
+    print("| task | n | options | chance | accuracy [95% CI] | acc_norm | above chance | s |")
     print("|---|---:|---:|---:|---|---:|---|---:|")
     for path in args.tasks:
         task = get_task(f"bigbench:{path}", n_train=0, n_eval=args.items, seed=0)

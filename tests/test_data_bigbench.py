@@ -48,6 +48,7 @@ def cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root.mkdir(parents=True)
     _archive(root / bigbench.SDIST_FILE, {"logical_deduction/three_objects": MULTIPLE_CHOICE,
                                           "arithmetic/2_digit_multiplication": GENERATION, "arithmetic": PARENT})
+    monkeypatch.setattr(bigbench, "SDIST_SHA256", bigbench._sha256(root / bigbench.SDIST_FILE))
     return root
 
 
@@ -97,7 +98,7 @@ def test_a_failed_or_altered_download_is_one_clear_error(tmp_path: Path, monkeyp
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found\n")
 
     monkeypatch.setattr(subprocess, "run", offline)
-    with pytest.raises(CpiftError, match="could not download bigbench==1.0.0 with pip"):
+    with pytest.raises(CpiftError, match=r"could not download bigbench==1.0.0 with pip.*copy bigbench-1.0.0.tar.gz"):
         get_task("bigbench:logical_deduction/three_objects")
 
     def altered(command, **_kwargs):
@@ -134,3 +135,13 @@ def test_bigbench_tasks_train_and_serve_as_retention_tasks_in_a_run(cached: Path
     text = scores.read_text()
     assert "bigbench:logical_deduction/three_objects" in text and "bigbench:arithmetic/2_digit_multiplication" in text
     assert (run.path / "methods" / "multitask" / "final").is_dir()
+
+
+def test_an_sdist_copied_in_by_hand_is_checked_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CPIFT_CACHE", str(tmp_path / "cache"))
+    root = bigbench.cache_root()
+    root.mkdir(parents=True)
+    _archive(root / bigbench.SDIST_FILE, {"x": GENERATION})
+    with pytest.raises(CpiftError, match=r"bigbench-1.0.0.tar.gz has another SHA-256 .*delete it"):
+        bigbench.fetch(progress=False)
+    assert not (root / "index.json").exists()

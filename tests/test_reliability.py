@@ -108,7 +108,7 @@ def test_a_write_that_fails_on_a_full_disk_says_so_and_leaves_nothing(tmp_path: 
     monkeypatch.setattr(shutil, "disk_usage", lambda _path: shutil._ntuple_diskusage(10 << 20, 10 << 20, 0))
     target = tmp_path / "ckpt"
     with pytest.raises(DiskFullError, match=r"no space left on device while writing .*ckpt") as info:
-        with atomic_dir(target) as tmp:
+        with atomic_dir(target):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 97856 vs 97748")
     assert isinstance(info.value, CpiftError) and info.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []

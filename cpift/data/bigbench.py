@@ -106,10 +106,14 @@ def fetch(*, progress: bool = True) -> Path:
             downloaded = Path(tmp) / SDIST_FILE
             if done.returncode or not downloaded.is_file():
                 tail = (done.stderr or "").strip().splitlines()[-1:] or ["no output"]
-                raise CpiftError(f"could not download {SDIST} with pip ({tail[0]}); the BIG-bench tasks need it once")
+                raise CpiftError(f"could not download {SDIST} with pip ({tail[0]}); the BIG-bench tasks need it "
+                                 f"once: where this machine's package index lacks it, copy {SDIST_FILE} (SHA-256 "
+                                 f"{SDIST_SHA256}) from a machine that has it into {root}")
             if _sha256(downloaded) != SDIST_SHA256:
                 raise CpiftError(f"{SDIST}: the downloaded {SDIST_FILE} has another SHA-256 than {SDIST_SHA256}")
             os.replace(downloaded, sdist)
+    elif _sha256(sdist) != SDIST_SHA256:  # copied in by hand: checked as a download is
+        raise CpiftError(f"{sdist} has another SHA-256 than {SDIST}'s {SDIST_SHA256}: delete it and fetch again")
     paths = sorted(_paths_in(sdist))
     atomic_write_bytes(root / _INDEX, json.dumps({"sha256": SDIST_SHA256, "tasks": paths}).encode())
     return sdist

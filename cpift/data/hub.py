@@ -75,7 +75,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cpift.data import scoring
-from cpift.data.embedded import EMBEDDED_TASKS, derive_rng, embedded_task
+from cpift.data.embedded import derive_rng, embedded_task
 from cpift.data.spec import CUSTOM_ROLES, DatasetSpec
 from cpift.data.tasks import Example, Message, Scorer, Task
 from cpift.errors import CpiftError, ParameterError
