@@ -13,8 +13,9 @@ gives one code path that the CPU test suite runs (two gloo processes) and GPUs u
   scoring, the next stage) sees a plain model. On CUDA with bf16 the units compute in bf16 and
   reduce gradients in fp32 (FSDP's mixed precision), the master weights fp32.
 * :func:`save` / :func:`load` — the model's and optimizer's shards in a checkpoint, with
-  ``torch.distributed.checkpoint`` (each process writes and reads its own shards; a checkpoint
-  resumes on the same number of processes or, resharded by DCP, on another).
+  ``torch.distributed.checkpoint`` (each process writes and reads its own shards). A checkpoint
+  resumes on the number of processes that wrote it, as under DDP: DCP could reshard the weights,
+  but each process's slice of the batch and its RNG state are its own (``cpift.train`` checks).
 * :func:`full` — a whole tensor from a sharded one (an all-gather; every process must call it),
   for code that needs whole gradients (EPI's importance).
 

@@ -425,7 +425,12 @@ def train(
     # ---- data
     data, skipped = tokenize_examples(tokenizer, examples, config.max_length, stage)
     pad_id = pad_token_id(tokenizer)
-    fingerprint = run_fingerprint(data, frozen, hook)
+
+    # ---- processes (one, or those of a distributed launch)
+    accelerator = _make_accelerator(device)
+    main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    fingerprint = run_fingerprint(data, frozen, hook, world)
 
     # ---- the checkpoint to resume, checked before the model moves
     resume_from = checkpoint_to_resume(ckpt_root, resume, stage) if ckpt_root is not None else None
@@ -438,9 +443,6 @@ def train(
     # ---- model, optimizer, schedule
     from transformers import get_cosine_schedule_with_warmup
 
-    accelerator = _make_accelerator(device)
-    main = accelerator.is_main_process
-    world, rank = accelerator.num_processes, accelerator.process_index
     if world > 1 and config.distributed == "none":
         raise ParameterError(
             f"stage {stage!r}: launched on {world} processes but train.distributed is 'none'; "

@@ -167,9 +167,11 @@ def _prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
 
 
 def run_fingerprint(data: Sequence[Mapping[str, list[int]]], frozen: Mapping[str, torch.Tensor] | None,
-                    hook: object | None) -> dict[str, Any]:
+                    hook: object | None, processes: int = 1) -> dict[str, Any]:
     """What identifies a run besides its config: hashes of the tokenized data and of the frozen set
-    (names and counts), and the hook's class. Saved with each checkpoint, compared on resume."""
+    (names and counts), the hook's class and the number of processes (each takes its own slice of
+    the global batch and keeps its own RNG state, so a run resumes exactly only on as many
+    processes as wrote its checkpoint). Saved with each checkpoint, compared on resume."""
     data_digest = hashlib.sha256()
     for item in data:
         data_digest.update(np.asarray(item["input_ids"], dtype=np.int64).tobytes())
@@ -181,7 +183,7 @@ def run_fingerprint(data: Sequence[Mapping[str, list[int]]], frozen: Mapping[str
         count = int(mask.sum()) if isinstance(mask, torch.Tensor) else -1
         frozen_digest.update(f"{name}:{count};".encode())
     return {"data": data_digest.hexdigest()[:16], "frozen": frozen_digest.hexdigest()[:16],
-            "hook": type(hook).__qualname__ if hook is not None else None}
+            "hook": type(hook).__qualname__ if hook is not None else None, "processes": processes}
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
@@ -196,6 +198,7 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {path / _STATE_FILE}: {exc}") from exc
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise CheckpointError(f"{path / _STATE_FILE} is not a cpift trainer state (format {_FORMAT})")
+    state.setdefault("processes", 1)  # written before the number of processes was recorded
     return state
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from distributed_workers import STEPS, TINY, WHOLLY_FROZEN, frozen_masks, train_tiny
 from safetensors.torch import load_file
 
+from cpift.errors import MismatchError
 from cpift.models import tiny_llama
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -90,6 +91,10 @@ def test_an_fsdp_run_resumes_bit_exactly_from_its_sharded_checkpoints(tmp_path: 
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith("."))
     assert checkpoints == [f"step-{STEPS - 1:06d}", f"step-{STEPS:06d}"]
     assert (tmp_path / "checkpoints" / f"step-{STEPS:06d}" / "sharded" / ".metadata").is_file()
+    # each process took its own slice of the batch: on another number of processes it would not resume exactly
+    with pytest.raises(MismatchError, match=r"processes: checkpoint 2, now 1"):
+        train_tiny(2, 1, "adamw", "fsdp", tmp_path / "one.safetensors", checkpoint_dir=tmp_path / "checkpoints",
+                   resume=True)
 
 
 def test_one_process_strategy_refuses_a_multi_process_launch(tmp_path: Path) -> None:
