@@ -1,6 +1,6 @@
 """Training and scoring speed on the embedded model, beside a peer and the naive way, in one run.
 
-Run from the repository root (a quiet machine; about 7 minutes on 2 CPU cores)::
+Run from the repository root (a quiet machine; about 3 minutes on 2 CPU cores)::
 
     .venv/bin/python analysis/bench_train.py
     .venv/bin/python analysis/bench_train.py --steps 12 --items 48

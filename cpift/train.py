@@ -430,6 +430,10 @@ def train(
     accelerator = _make_accelerator(device)
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
+    if world > 1 and config.distributed == "none":
+        raise ParameterError(
+            f"stage {stage!r}: launched on {world} processes but train.distributed is 'none'; "
+            "set it to 'ddp' or 'fsdp', or launch one process")
     fingerprint = run_fingerprint(data, frozen, hook, world)
 
     # ---- the checkpoint to resume, checked before the model moves
@@ -443,10 +447,6 @@ def train(
     # ---- model, optimizer, schedule
     from transformers import get_cosine_schedule_with_warmup
 
-    if world > 1 and config.distributed == "none":
-        raise ParameterError(
-            f"stage {stage!r}: launched on {world} processes but train.distributed is 'none'; "
-            "set it to 'ddp' or 'fsdp', or launch one process")
     sharded = world > 1 and config.distributed == "fsdp"
     whole_model = model
     # FSDP trains a sharded copy and writes the weights back at the end; DDP wraps the model.
